@@ -2,7 +2,9 @@
 search path, and files/bindings are parsed the way t5x parses `--gin_file` / `--gin.X=V`."""
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +20,22 @@ def default_search_paths() -> list[str]:
         if (candidate / "models").is_dir():
             return [str(candidate)]
     raise FileNotFoundError(f"atlas-jax gin folder not found next to {package}")
+
+
+def _drop_search_misses(record: logging.LogRecord) -> bool:
+    # gin logs "Path not found" for every search-path entry it tries before the one that holds
+    # the file; a file missing everywhere still raises.
+    return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_search():
+    root = logging.getLogger()
+    root.addFilter(_drop_search_misses)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_search_misses)
 
 
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
@@ -37,7 +55,8 @@ def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
     for file in gin_files:
         if not any((Path(p) / file).exists() for p in searched):
             raise FileNotFoundError(f"gin file {file!r} not found (searched: {searched})")
-    gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
+    with _quiet_search():
+        gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
     for binding in cleaned:
         try:
             gin.parse_config(binding)

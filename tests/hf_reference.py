@@ -59,3 +59,16 @@ def random_ids(rng: np.random.Generator, batch: int, length: int, vocab: int,
         for row in range(1, batch):
             ids[row, rng.integers(length // 2, length):] = 0
     return ids
+
+
+def minilm_reference(texts: list[str], folder: str, max_length: int = 256):
+    """transformers BertModel + masked mean pooling + L2 normalisation (what
+    sentence-transformers computes for all-MiniLM-L6-v2). Returns (embeddings, input ids)."""
+    from transformers import AutoTokenizer, BertModel
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
+                                                  max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        states = BertModel.from_pretrained(folder).eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (states * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy(), batch["input_ids"].numpy()

