@@ -56,15 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, extra_bindings: list[str] = ()) -> int:
+def run(args: argparse.Namespace) -> int:
     import jax
     import sentencepiece as spm
 
     from atlas_jax import gin_config, vocabulary, weights
 
-    bindings = list(extra_bindings) + [a for a in getattr(args, "gin_bindings", [])]
     gin_config.parse(["models/tiny.gin", "models/retriever/minilm.gin"] + args.gin_file,
-                     bindings, args.gin_search_paths)
+                     search_paths=args.gin_search_paths)
 
     start = time.perf_counter()
     retriever = weights.build_retriever()
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace, extra_bindings: list[str] = ()) -> int:
         processor = spm.SentencePieceProcessor(model_file=str(spiece))
     vocab_size = vocabulary.reader_vocab_size(processor)
     gin_config.parse(["models/tiny.gin"] + args.gin_file,
-                     bindings + [f"t5.T5Config.vocab_size = {vocab_size}"],
+                     [f"t5.T5Config.vocab_size = {vocab_size}"],
                      args.gin_search_paths)
     reader = weights.build_reader()
     sentinel = vocabulary.sentinel_id(processor, 0)

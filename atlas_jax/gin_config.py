@@ -22,6 +22,9 @@ def default_search_paths() -> list[str]:
     raise FileNotFoundError(f"atlas-jax gin folder not found next to {package}")
 
 
+_registered_search_paths: set[str] = set()
+
+
 def _drop_search_misses(record: logging.LogRecord) -> bool:
     # gin logs "Path not found" for every search-path entry it tries before the one that holds
     # the file; a file missing everywhere still raises.
@@ -44,14 +47,16 @@ def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
     accepted with or without the `--gin.` prefix). A file that is not found on the search
     path, or a binding gin cannot apply, raises an error naming it."""
     gin.clear_config(clear_constants=True)
-    for path in list(search_paths) + default_search_paths():
-        gin.add_config_file_search_path(path)
+    searched = ["."] + list(search_paths) + default_search_paths()
+    for path in searched[1:]:
+        if path not in _registered_search_paths:  # gin keeps every path it is given
+            gin.add_config_file_search_path(path)
+            _registered_search_paths.add(path)
     # Importing the modules registers their configurables before the files refer to them.
     import atlas_jax.models.retriever  # noqa: F401
     import atlas_jax.models.t5  # noqa: F401
     import atlas_jax.weights  # noqa: F401
     cleaned = [b[len("--gin."):] if b.startswith("--gin.") else b for b in bindings]
-    searched = ["."] + list(search_paths) + default_search_paths()
     for file in gin_files:
         if not any((Path(p) / file).exists() for p in searched):
             raise FileNotFoundError(f"gin file {file!r} not found (searched: {searched})")

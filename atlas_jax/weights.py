@@ -83,8 +83,6 @@ def read_safetensors(folder: Path) -> dict[str, tuple[np.ndarray, Path]]:
             with safe_open(str(file), framework="numpy") as f:
                 for key in f.keys():
                     tensors[key] = (np.asarray(f.get_tensor(key), dtype=np.float32), file)
-        except CheckpointError:
-            raise
         except Exception as e:  # safetensors raises its own error types on corrupt headers
             raise CheckpointError(f"{file}: not a readable safetensors file: {e}") from None
     return tensors
@@ -168,7 +166,7 @@ def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), logits_via_embedding=tied,
         scale_decoder_outputs=bool(scale), pad_id=hf.get("pad_token_id", 0) or 0,
-        eos_id=hf.get("eos_token_id", 1) if isinstance(hf.get("eos_token_id", 1), int) else 1,
+        eos_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 1,
         decoder_start_id=hf.get("decoder_start_token_id", 0) or 0)
 
 

@@ -28,15 +28,11 @@ def main() -> None:
 
     import atlas_jax
     from atlas_jax import weights
-    from tests.hf_reference import make_hf_t5, minilm_reference, random_ids
+    from tests.hf_reference import T5_PARITY_CASES, make_hf_t5, minilm_reference, random_ids
 
-    cases = [dict(version="v1.0"), dict(version="v1.1"), dict(version="tf5"),
-             dict(version="v1.0", num_heads=2, d_kv=16, num_buckets=8, max_distance=16),
-             dict(version="v1.1", num_heads=6, d_kv=4, num_buckets=16, max_distance=20,
-                  num_decoder_layers=3)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n, case in enumerate(cases):
+        for n, case in enumerate(T5_PARITY_CASES):
             folder = Path(tmp) / f"t5_{n}"
             hf_model = make_hf_t5(folder, **case)
             reader = atlas_jax.load_reader(folder)

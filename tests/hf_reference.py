@@ -10,6 +10,17 @@ from safetensors.torch import save_file
 from transformers import T5Config as HFT5Config, T5ForConditionalGeneration
 
 
+# Folder shapes and head / d_kv / bucket settings the parity test and bench.parity cover.
+T5_PARITY_CASES = [
+    dict(version="v1.0"),
+    dict(version="v1.1"),
+    dict(version="tf5"),
+    dict(version="v1.0", num_heads=2, d_kv=16, num_buckets=8, max_distance=16),
+    dict(version="v1.1", num_heads=6, d_kv=4, num_buckets=16, max_distance=20,
+         num_decoder_layers=3),
+]
+
+
 def make_hf_t5(folder: Path, *, version: str, d_model=32, d_kv=8, num_heads=4, d_ff=48,
                num_layers=2, num_decoder_layers=None, num_buckets=32, max_distance=128,
                vocab_size=96, seed=0) -> T5ForConditionalGeneration:

@@ -9,16 +9,7 @@ import torch
 
 import atlas_jax
 from atlas_jax import weights
-from tests.hf_reference import make_hf_t5, minilm_reference, random_ids
-
-T5_CASES = [
-    dict(version="v1.0"),
-    dict(version="v1.1"),
-    dict(version="tf5"),
-    dict(version="v1.0", num_heads=2, d_kv=16, num_buckets=8, max_distance=16),
-    dict(version="v1.1", num_heads=6, d_kv=4, num_buckets=16, max_distance=20,
-         num_decoder_layers=3),
-]
+from tests.hf_reference import T5_PARITY_CASES, make_hf_t5, minilm_reference, random_ids
 
 
 def _hf_logits(model, enc, dec):
@@ -28,7 +19,8 @@ def _hf_logits(model, enc, dec):
                      decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("case", T5_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("case", T5_PARITY_CASES,
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_t5_logits_match_transformers(tmp_path, case):
     hf_model = make_hf_t5(tmp_path / "t5", **case)
     reader = atlas_jax.load_reader(tmp_path / "t5")
