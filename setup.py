@@ -36,6 +36,8 @@ setup(
         "tokenizers",
         "safetensors",
         "tqdm",
+        # Hybrid retrieval: a real BM25 implementation (sparse scores, numpy only).
+        "bm25s",
     ],
     extras_require={
         "ledger": ["beancount", "beanquery"],
