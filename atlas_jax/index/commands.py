@@ -1,0 +1,98 @@
+"""`atlas-jax index build|search|bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from atlas_jax.index import device, passage_index
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="index_command", required=True)
+
+    build = commands.add_parser("build", help="embed a passages jsonl and save an index")
+    build.add_argument("--passages", required=True, help="passages jsonl (DESIGN.md §4)")
+    build.add_argument("--retriever", required=True,
+                       help="retriever checkpoint folder or package:NAME")
+    build.add_argument("--out", required=True, help="index directory to write")
+    build.add_argument("--backend", choices=passage_index.BACKENDS, default="device")
+    build.add_argument("--dtype", choices=passage_index.SAVE_DTYPES, default="float16",
+                       help="dtype of the saved embedding shards")
+    build.add_argument("--storage", choices=device.STORAGES, default="float32",
+                       help="device backend: dtype of the embeddings held on the devices")
+    build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(run=run_build)
+
+    search = commands.add_parser("search", help="query an index; one JSON object per hit")
+    search.add_argument("--index", required=True, help="index directory")
+    search.add_argument("--query", required=True)
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--where", action="append", default=[],
+                        help="metadata filter: field=v, field!=v, field^=prefix, field>=v, "
+                             "field<=v, field>v, field<v (repeat to AND)")
+    search.add_argument("--hybrid", action="store_true", help="fuse BM25 with dense scores")
+    search.add_argument("--retriever", help="query tower (default: the index's retriever)")
+    search.add_argument("--backend", choices=passage_index.BACKENDS,
+                        help="override the saved backend")
+    search.set_defaults(run=run_search)
+
+    bench = commands.add_parser("bench", help="exact vs device vs ScaNN vs faiss")
+    from atlas_jax.index import benchmark
+    benchmark.add_arguments(bench)
+    bench.set_defaults(run=benchmark.run)
+
+
+def _fail(message: str) -> int:
+    print(f"atlas-jax index: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from atlas_jax import weights
+    from atlas_jax.index import passages as passages_lib
+    try:
+        store = passages_lib.PassageStore.from_jsonl(args.passages)
+        retriever = weights.load_retriever(args.retriever)
+    except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
+        return _fail(str(e))
+    start = time.perf_counter()
+    config = (device.DeviceIndexConfig(storage=args.storage) if args.backend == "device"
+              else None)
+    index = passage_index.PassageIndex.build(store, retriever, backend=args.backend,
+                                             backend_config=config,
+                                             batch_size=args.batch_size,
+                                             progress=not args.no_progress)
+    build_seconds = time.perf_counter() - start
+    index.save(args.out, dtype=args.dtype)
+    print(json.dumps({"index": args.out, "passages": len(store), "dim": index.dim,
+                      "backend": args.backend, "dtype": args.dtype,
+                      "bytes_per_vector": index.backend.bytes_per_vector(),
+                      "build_s": round(build_seconds, 3),
+                      "passages_per_s": round(len(store) / build_seconds, 1)}))
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from atlas_jax import weights
+    try:
+        manifest = passage_index.read_manifest(Path(args.index))
+        checkpoint = args.retriever or manifest["retriever"]["checkpoint"]
+        if not checkpoint:
+            return _fail(f"{args.index}/manifest.json names no retriever: pass --retriever")
+        retriever = weights.load_retriever(checkpoint)
+        index = passage_index.PassageIndex.load(args.index, backend=args.backend,
+                                                retriever_dim=retriever.config.embedding_dim)
+        mask = index.filter_mask(args.where)
+    except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
+        return _fail(str(e))
+    query_embeddings = retriever.embed([args.query], tower="query")
+    result = index.search(query_embeddings, args.k, where=mask, query_texts=[args.query],
+                          hybrid=args.hybrid)
+    for hit in index.hits(result):
+        print(json.dumps({key: hit[key] for key in ("rank", "id", "score", "title", "text")},
+                         ensure_ascii=False))
+    return 0

@@ -1,0 +1,380 @@
+"""`PassageIndex`: a passage store, its embeddings and a search backend, saved as DESIGN.md §3.
+
+On disk (a directory, written atomically: built in a sibling temp dir, then renamed):
+
+  manifest.json           format, count, dim, dtype, shards, retriever checkpoint + step,
+                          passages file sha256, backend name + config, deleted ids file
+  passages.jsonl          the passages (a copy: the index is self-contained and hot-swappable)
+  embeddings/shard_NNNNN.npy   (rows, dim) float16 / bfloat16 (stored as uint16) / float32 /
+                          int8 (+ embeddings/scale.npy, per-dimension)
+  tokens/retriever.{ids,lengths}.npy   pre-tokenized retriever text (for refreshes)
+  deleted.npy             bool (count,) tombstones
+  scann/                  the ScaNN searcher (backend 'scann'), without ScaNN's docids pickle
+
+Every .npy is read with allow_pickle=False; nothing in an index executes code on load.
+Embeddings are saved host-side without any mesh layout, so an index saved on one mesh shape
+loads on any other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import gin
+import numpy as np
+
+from atlas_jax.index import base, device, filters as filters_lib, hybrid as hybrid_lib
+from atlas_jax.index import passages as passages_lib
+
+FORMAT = "atlas-jax-index"
+FORMAT_VERSION = 1
+SAVE_DTYPES = ("float16", "bfloat16", "float32", "int8")
+BACKENDS = ("device", "scann")
+SHARD_ROWS = 1 << 18
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Index choices a run gin makes (gin/index/*.gin): the backend ('device' or 'scann'; its
+    own options live in DeviceIndexConfig / ScannConfig), the saved embedding dtype, hybrid
+    BM25 fusion (HybridConfig) and the refresh schedule (RefreshSchedule.parse syntax)."""
+    backend: str = "device"
+    save_dtype: str = "float16"
+    hybrid: bool = False
+    refresh_schedule: str = "-1"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"IndexConfig.backend = {self.backend!r}: use one of {BACKENDS}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"IndexConfig.save_dtype = {self.save_dtype!r}: use one of "
+                             f"{SAVE_DTYPES}")
+
+
+class IndexLoadError(ValueError):
+    """An index directory that does not load; the message names the file."""
+
+
+def _make_backend(name: str, embeddings: np.ndarray, mesh=None, config: Any = None):
+    if name == "device":
+        return device.DeviceBackend(embeddings, mesh=mesh, config=config)
+    if name == "scann":
+        from atlas_jax.index import scann_backend
+        return scann_backend.ScannBackend.build(embeddings, config=config)
+    raise ValueError(f"unknown index backend {name!r}: use one of {BACKENDS}")
+
+
+@dataclasses.dataclass
+class PassageIndex:
+    """Passages + (count, dim) embeddings + a backend. Build with `build` or `load`."""
+    store: passages_lib.PassageStore
+    embeddings: np.ndarray                       # (count, dim) float16/float32 host copy
+    backend: Any
+    deleted: np.ndarray                          # (count,) bool
+    retriever_checkpoint: str | None = None
+    retriever_step: int | None = None
+    tokens: passages_lib.TokenArray | None = None
+
+    def __post_init__(self):
+        self._metadata_table = None
+        self._bm25 = None
+
+    # --------------------------------------------------------------- construction
+    @classmethod
+    def from_embeddings(cls, store: passages_lib.PassageStore, embeddings: np.ndarray,
+                        backend: str = "device", mesh=None, backend_config: Any = None,
+                        **kwargs) -> "PassageIndex":
+        embeddings = np.asarray(embeddings)
+        if len(embeddings) != len(store):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(store)} passages")
+        return cls(store, embeddings, _make_backend(backend, embeddings, mesh, backend_config),
+                   np.zeros(len(store), bool), **kwargs)
+
+    @classmethod
+    def build(cls, store: passages_lib.PassageStore, retriever: Any, backend: str = "device",
+              mesh=None, backend_config: Any = None, batch_size: int = 256,
+              params: Any = None, progress: bool = True,
+              retriever_step: int | None = None) -> "PassageIndex":
+        """Tokenizes and embeds every passage with the passage tower, then builds `backend`."""
+        from atlas_jax.index import embedding
+        tokens = tokenize_store(store, retriever)
+        run = embedding.embed_corpus(retriever, tokens.token_ids, tokens.lengths, mesh=mesh,
+                                     batch_size=batch_size, params=params, progress=progress)
+        path = getattr(retriever, "path", None)
+        return cls.from_embeddings(store, run.embeddings, backend, mesh, backend_config,
+                                   retriever_checkpoint=str(path) if path else None,
+                                   retriever_step=retriever_step, tokens=tokens)
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def metadata_table(self) -> filters_lib.MetadataTable:
+        if self._metadata_table is None:
+            self._metadata_table = filters_lib.MetadataTable(self.store.metadata)
+        return self._metadata_table
+
+    @property
+    def bm25(self) -> hybrid_lib.BM25Index:
+        if self._bm25 is None:
+            self._bm25 = hybrid_lib.BM25Index(self.store.retriever_texts())
+        return self._bm25
+
+    # --------------------------------------------------------------- search
+    def filter_mask(self, where: Sequence[str | Any] | np.ndarray | None) -> np.ndarray | None:
+        """`--where` expressions (or parsed conditions, or a ready mask) -> (count,) bool."""
+        if where is None or (not isinstance(where, np.ndarray) and len(where) == 0):
+            return None
+        if isinstance(where, np.ndarray):
+            return where
+        conditions = [filters_lib.parse_where(w) if isinstance(w, str) else w for w in where]
+        return self.metadata_table.mask(conditions)
+
+    def search(self, query_embeddings: np.ndarray, k: int,
+               where: Sequence[str] | np.ndarray | None = None,
+               query_texts: Sequence[str] | None = None, hybrid: bool = False,
+               hybrid_config: hybrid_lib.HybridConfig | None = None) -> base.SearchResult:
+        """Best k passages per query among those satisfying `where` (ANDed), dense or, with
+        `hybrid`, dense fused with BM25 on `query_texts` by reciprocal rank."""
+        mask = self.filter_mask(where)
+        if not hybrid:
+            return self.backend.search(query_embeddings, k, mask)
+        if query_texts is None:
+            raise ValueError("hybrid search needs the query texts for BM25")
+        if self.deleted.any():
+            mask = ~self.deleted if mask is None else mask & ~self.deleted
+        return hybrid_lib.hybrid_search(self.backend.search, self.bm25, query_embeddings,
+                                        list(query_texts), k, mask,
+                                        hybrid_config or hybrid_lib.HybridConfig())
+
+    def hits(self, result: base.SearchResult, query: int = 0) -> list[dict]:
+        """One dict per hit of query row `query`: rank, id, score, title, text, metadata."""
+        return [{"rank": rank, "id": self.store.ids[row], "score": float(score),
+                 "title": self.store.titles[row], "text": self.store.texts[row],
+                 "metadata": self.store.metadata[row]}
+                for rank, (row, score) in enumerate(zip(result.ids[query],
+                                                        result.scores[query]), 1) if row >= 0]
+
+    # --------------------------------------------------------------- updates
+    def add(self, records: Sequence[dict], new_embeddings: np.ndarray) -> np.ndarray:
+        """Appends passages with their embeddings without re-embedding the others; returns
+        their dense ids. Not thread-safe on its own: go through `HotSwapIndex.update`."""
+        new_embeddings = np.asarray(new_embeddings)
+        if new_embeddings.shape[1:] != (self.dim,) or len(new_embeddings) != len(records):
+            raise ValueError(f"{new_embeddings.shape} embeddings for {len(records)} new "
+                             f"passages of dimension {self.dim}")
+        ids = self.store.extend(records)
+        if hasattr(self.backend, "upsert"):
+            self.backend.upsert(ids, new_embeddings)
+        else:
+            self.backend.add(new_embeddings)
+        self.embeddings = np.concatenate([self.embeddings,
+                                          new_embeddings.astype(self.embeddings.dtype)])
+        self.deleted = np.concatenate([self.deleted, np.zeros(len(ids), bool)])
+        self.tokens = None
+        self._metadata_table = self._bm25 = None
+        return ids
+
+    def delete(self, passage_ids: Sequence[str]) -> None:
+        """Removes passages (by string id) from search results."""
+        rows = self.store.index_of(passage_ids)
+        rows = np.unique(rows[~self.deleted[rows]])
+        if len(rows):
+            self.backend.delete(rows)
+        self.deleted[rows] = True
+
+    # --------------------------------------------------------------- save / load
+    def save(self, directory: str | Path, dtype: str = "float16") -> Path:
+        """Writes the index atomically (a reader of `directory` sees the old or the new
+        index, never a mix); returns the directory."""
+        if dtype not in SAVE_DTYPES:
+            raise ValueError(f"index dtype {dtype!r} is not one of {SAVE_DTYPES}")
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self._write(staging, dtype)
+            _replace_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    def _write(self, out: Path, dtype: str) -> None:
+        (out / "embeddings").mkdir()
+        self.store.write_jsonl(out / "passages.jsonl")
+        rows = np.asarray(self.embeddings, np.float32)
+        if dtype == "int8":
+            rows, scale = device.quantize(rows, 8)
+            np.save(out / "embeddings" / "scale.npy", scale)
+        elif dtype == "bfloat16":
+            import ml_dtypes
+            rows = rows.astype(ml_dtypes.bfloat16).view(np.uint16)
+        else:
+            rows = rows.astype(dtype)
+        shards = []
+        for number, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
+            name = f"embeddings/shard_{number:05d}.npy"
+            np.save(out / name, rows[start:start + SHARD_ROWS])
+            shards.append({"file": name, "rows": int(len(rows[start:start + SHARD_ROWS]))})
+        np.save(out / "deleted.npy", self.deleted)
+        if self.tokens is not None:
+            (out / "tokens").mkdir()
+            np.save(out / "tokens" / "retriever.ids.npy", np.asarray(self.tokens.token_ids))
+            np.save(out / "tokens" / "retriever.lengths.npy", np.asarray(self.tokens.lengths))
+        backend = {"name": self.backend.name,
+                   "config": dataclasses.asdict(self.backend.config)
+                   if dataclasses.is_dataclass(getattr(self.backend, "config", None)) else {}}
+        if self.backend.name == "scann":
+            self.backend.save(out / "scann")
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "count": len(self.store),
+            "dim": self.dim, "dtype": dtype, "shards": shards,
+            "retriever": {"checkpoint": self.retriever_checkpoint, "step": self.retriever_step},
+            "passages": {"file": "passages.jsonl",
+                         "sha256": passages_lib.file_sha256(out / "passages.jsonl")},
+            "backend": backend, "deleted": "deleted.npy",
+            "tokens": "tokens/retriever" if self.tokens is not None else None,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, mesh=None, backend: str | None = None,
+             backend_config: Any = None, passages: str | Path | None = None,
+             retriever_dim: int | None = None) -> "PassageIndex":
+        """Loads an index saved by `save`, onto any mesh.
+
+        Args:
+          directory: the index directory.
+          mesh: mesh for the device backend (default: all devices).
+          backend: override the saved backend ('device' or 'scann'; a saved ScaNN searcher
+            is reused when the backend is unchanged and no config is given).
+          passages: a passages jsonl the index must have been built from (sha256 checked).
+          retriever_dim: the dimension of the retriever that will query it.
+        Raises IndexLoadError naming the file at fault.
+        """
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        passages_file = directory / manifest["passages"]["file"]
+        _require(passages_file)
+        digest = passages_lib.file_sha256(passages_file)
+        if digest != manifest["passages"]["sha256"]:
+            raise IndexLoadError(f"{passages_file} does not match {directory}/manifest.json "
+                                 "(sha256 differs): the passages changed after the index was "
+                                 "built; rebuild the index")
+        if passages is not None and passages_lib.file_sha256(passages) != digest:
+            raise IndexLoadError(f"index {directory} was built from other passages than "
+                                 f"{passages} (sha256 differs); rebuild it with "
+                                 "`atlas-jax index build`")
+        if retriever_dim is not None and retriever_dim != manifest["dim"]:
+            raise IndexLoadError(f"index {directory} holds {manifest['dim']}-dimensional "
+                                 f"embeddings (manifest.json) but the retriever produces "
+                                 f"{retriever_dim}-dimensional ones")
+        store = passages_lib.PassageStore.from_jsonl(passages_file)
+        if len(store) != manifest["count"]:
+            raise IndexLoadError(f"{passages_file} has {len(store)} passages, "
+                                 f"{directory}/manifest.json says {manifest['count']}")
+        embeddings = _read_embeddings(directory, manifest)
+        deleted = _load_npy(directory / manifest["deleted"], (manifest["count"],))
+        tokens = (passages_lib.TokenArray.load(directory / manifest["tokens"])
+                  if manifest.get("tokens") else None)
+        saved_backend = manifest["backend"]["name"]
+        name = backend or saved_backend
+        if name == "scann" and saved_backend == "scann" and backend_config is None:
+            from atlas_jax.index import scann_backend
+            backend_obj = scann_backend.ScannBackend.load(directory / "scann")
+        else:
+            if backend_config is None and name == saved_backend == "device":
+                backend_config = device.DeviceIndexConfig(**manifest["backend"]["config"])
+            backend_obj = _make_backend(name, embeddings, mesh, backend_config)
+            if deleted.any():
+                backend_obj.delete(np.flatnonzero(deleted))
+        return cls(store, embeddings, backend_obj, deleted.astype(bool),
+                   manifest["retriever"]["checkpoint"], manifest["retriever"]["step"], tokens)
+
+
+def tokenize_store(store: passages_lib.PassageStore, retriever: Any,
+                   path: str | Path | None = None) -> passages_lib.TokenArray:
+    """The store's retriever texts, tokenized with the retriever's tokenizer and truncated to
+    its max length (memory-mapped under `path` when given)."""
+    from atlas_jax.index import embedding
+    encode_batch, limit = embedding.retriever_encoder(retriever)
+    return passages_lib.TokenArray.build(store.retriever_texts(), encode_batch, limit, path)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    _require(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexLoadError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise IndexLoadError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} manifest "
+                             f"(format={manifest.get('format')!r}, "
+                             f"version={manifest.get('version')!r})")
+    missing = [key for key in ("count", "dim", "dtype", "shards", "passages", "backend",
+                               "deleted", "retriever") if key not in manifest]
+    if missing:
+        raise IndexLoadError(f"{path} lacks {missing}")
+    return manifest
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise IndexLoadError(f"{path} is missing: not a complete atlas-jax index")
+
+
+def _load_npy(path: Path, shape: tuple | None = None, mmap: bool = False) -> np.ndarray:
+    _require(path)
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        raise IndexLoadError(f"{path}: not a plain .npy array ({e})") from None
+    if shape is not None and array.shape != shape:
+        raise IndexLoadError(f"{path} has shape {array.shape}, expected {shape}")
+    return array
+
+
+def _read_embeddings(directory: Path, manifest: dict) -> np.ndarray:
+    """Concatenated shards as float32 (dequantised for int8)."""
+    dim, dtype = manifest["dim"], manifest["dtype"]
+    stored_dtype = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
+                    "int8": np.int8}[dtype]
+    parts = []
+    for shard in manifest["shards"]:
+        array = _load_npy(directory / shard["file"], (shard["rows"], dim), mmap=True)
+        if array.dtype != stored_dtype:
+            raise IndexLoadError(f"{directory / shard['file']} holds {array.dtype}, "
+                                 f"manifest.json says {dtype}")
+        parts.append(array)
+    rows = np.concatenate(parts) if parts else np.zeros((0, dim), stored_dtype)
+    if len(rows) != manifest["count"]:
+        raise IndexLoadError(f"{directory}/embeddings hold {len(rows)} rows, manifest.json "
+                             f"says {manifest['count']}")
+    if dtype == "bfloat16":
+        import ml_dtypes
+        return rows.view(ml_dtypes.bfloat16).astype(np.float32)
+    if dtype == "int8":
+        return rows.astype(np.float32) * _load_npy(directory / "embeddings" / "scale.npy",
+                                                   (dim,))
+    return rows.astype(np.float32)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Renames `staging` onto `target`; an existing target is moved aside first and removed
+    only after the new one is in place."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, retired / "index")
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
