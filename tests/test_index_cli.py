@@ -189,3 +189,43 @@ def test_exact_search_reference_matches_device(built_index):
     queries = np.random.default_rng(0).normal(size=(4, 384)).astype(np.float32)
     expected = base.exact_search(index.embeddings, queries, 7)
     np.testing.assert_array_equal(index.search(queries, 7).ids, expected.ids)
+
+
+def test_refresh_reembeds_and_swaps_atomically(built_index):
+    from atlas_jax import weights
+    retriever = weights.load_retriever(RETRIEVER)
+    index = passage_index.PassageIndex.load(built_index)
+    holder = refresh.HotSwapIndex(index)
+    moved = jax.tree.map(lambda x: x, retriever.params)
+    embedder = moved["encoder"]["token_embedder"]["embedding"]
+    moved["encoder"]["token_embedder"]["embedding"] = embedder + 0.05 * jax.random.normal(
+        jax.random.key(0), embedder.shape)
+    old_embeddings = index.embeddings.copy()
+    version = holder.refresh(lambda old: old.reembed(retriever, params=moved,
+                                                     retriever_step=100))
+    fresh = holder.current
+    assert version == 1 and fresh is not index and fresh.retriever_step == 100
+    np.testing.assert_array_equal(index.embeddings, old_embeddings)     # old one untouched
+    assert np.abs(fresh.embeddings - old_embeddings).max() > 1e-3
+    same = index.reembed(retriever)
+    np.testing.assert_allclose(same.embeddings, old_embeddings, atol=2e-3)  # float16 shards
+    queries = retriever.embed(["fuel", "rent"])
+    _, result = holder.search(queries, 5)
+    np.testing.assert_array_equal(result.ids, base.exact_search(fresh.embeddings, queries,
+                                                                5).ids)
+
+
+def test_add_passages_embeds_only_new_ones(built_index):
+    from atlas_jax import weights
+    retriever = weights.load_retriever(RETRIEVER)
+    index = passage_index.PassageIndex.load(built_index)
+    before = index.embeddings.copy()
+    ids = index.add_passages([{"id": "new-1", "title": "Zoo", "text": "tickets for the zoo"}],
+                             retriever)
+    np.testing.assert_array_equal(index.embeddings[:len(before)], before)
+    assert ids.tolist() == [len(before)]
+    hits = index.hits(index.search(retriever.embed(["zoo tickets"]), 1))
+    assert hits[0]["id"] == "new-1"
+    with pytest.raises(passages.PassageFileError, match="missing required field 'text'"):
+        index.add_passages([{"id": "bad", "title": "x"}], retriever)
+    assert len(index.store) == len(before) + 1

@@ -111,6 +111,38 @@ class PassageIndex:
                                    retriever_checkpoint=str(path) if path else None,
                                    retriever_step=retriever_step, tokens=tokens)
 
+    def reembed(self, retriever: Any, params: Any = None, mesh=None, batch_size: int = 256,
+                progress: bool = False, retriever_step: int | None = None) -> "PassageIndex":
+        """A new index over the same passages, embedded with `params` (e.g. the passage tower
+        being trained) and the same backend kind and options; this one is left untouched, so
+        `HotSwapIndex.refresh(lambda old: old.reembed(...))` swaps it in atomically."""
+        from atlas_jax.index import embedding
+        tokens = self.tokens if self.tokens is not None else tokenize_store(self.store,
+                                                                             retriever)
+        run = embedding.embed_corpus(retriever, tokens.token_ids, tokens.lengths, mesh=mesh,
+                                     batch_size=batch_size, params=params, progress=progress)
+        mesh = mesh if mesh is not None else getattr(self.backend, "mesh", None)
+        new = PassageIndex.from_embeddings(
+            self.store, run.embeddings, self.backend.name, mesh, self.backend.config,
+            retriever_checkpoint=self.retriever_checkpoint, retriever_step=retriever_step,
+            tokens=tokens)
+        if self.deleted.any():
+            new.backend.delete(np.flatnonzero(self.deleted))
+            new.deleted = self.deleted.copy()
+        return new
+
+    def add_passages(self, records: Sequence[dict], retriever: Any,
+                     params: Any = None) -> np.ndarray:
+        """Embeds only the new passages (passage tower, `params` or the retriever's) and
+        appends them (see `add`); returns their dense ids."""
+        from atlas_jax.index import embedding
+        texts = [passages_lib.retriever_text(r.get("title", ""), r.get("text", ""))
+                 for r in records]
+        token_ids, lengths = embedding.tokenize_for_retriever(retriever, texts)
+        run = embedding.embed_corpus(retriever, token_ids, lengths, params=params,
+                                     mesh=getattr(self.backend, "mesh", None), progress=False)
+        return self.add(records, run.embeddings)
+
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
