@@ -1,8 +1,9 @@
 """End-to-end smoke run: real MiniLM retrieval over ledger entries, then the tiny FiD reader.
 
 Until the ledger demo lands this embeds a handful of Beancount entries with the real
-all-MiniLM-L6-v2 weights, retrieves the top-k for a few questions (and reports recall@k
-against the entry that answers each one), then runs a tiny randomly initialised FiD reader
+all-MiniLM-L6-v2 weights into a `PassageIndex` (exact search sharded over the devices),
+retrieves the top-k for a few questions (and reports recall@k against the entry that answers
+each one) and one query with metadata filters (account prefix, date range), then runs a tiny randomly initialised FiD reader
 over the retrieved passages: teacher-forced logits and KV-cached greedy decoding. The reader
 is untrained, so its answers are noise; the point is that every stage runs end to end.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +40,7 @@ PASSAGES = [
      "  Expenses:Food:Restaurant  23.75 USD\n  Liabilities:CreditCard"),
     ("2023-03-31 balance", "2023-03-31 balance Assets:Bank:Checking  3310.98 USD"),
 ]
+ACCOUNT = re.compile(r"\b(?:Assets|Liabilities|Equity|Income|Expenses)(?::[\w-]+)+")
 QUESTIONS = [  # (question, index of the passage holding the answer, answer)
     ("How much was the March rent paid to the landlord?", 0, "2400.00 USD"),
     ("What did I spend at Whole Foods on March 7, 2023?", 2, "87.32 USD"),
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     import sentencepiece as spm
 
     from atlas_jax import gin_config, vocabulary, weights
+    from atlas_jax.index import passage_index
+    from atlas_jax.index import passages as passages_lib
 
     gin_config.parse(["models/tiny.gin", "models/retriever/minilm.gin"] + args.gin_file,
                      search_paths=args.gin_search_paths)
@@ -72,17 +77,26 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     passage_embeddings = retriever.embed(texts, tower="passage")
     embed_seconds = time.perf_counter() - t0
+    store = passages_lib.PassageStore.from_records(
+        {"id": f"entry-{i}", "title": title, "text": text,
+         "metadata": {"date": title.split()[0], "accounts": ACCOUNT.findall(text)}}
+        for i, (title, text) in enumerate(PASSAGES))
+    index = passage_index.PassageIndex.from_embeddings(store, passage_embeddings)
     query_embeddings = retriever.embed([q for q, _, _ in QUESTIONS], tower="query")
-    scores = query_embeddings @ passage_embeddings.T / np.sqrt(passage_embeddings.shape[1])
-    top = np.argsort(-scores, axis=1)[:, :args.k]  # (questions, k)
+    top = index.search(query_embeddings, args.k).ids  # (questions, k), exact, sharded
     hits = [gold in row for (_, gold, _), row in zip(QUESTIONS, top)]
+    food = index.search(retriever.embed(["eating out"], tower="query"), 2,
+                        where=["accounts^=Expenses:Food", "date>=2023-03-08"])
     print(f"retriever: {retriever.path} ({retriever.config.num_layers} layers, "
           f"dim {retriever.config.hidden_size}); {len(texts)} passages embedded at "
           f"{len(texts) / embed_seconds:.0f} passages/s")
     for (question, gold, _), row, hit in zip(QUESTIONS, top, hits):
         print(f"  {'HIT ' if hit else 'MISS'} {question}\n       top-{args.k}: "
               + " | ".join(PASSAGES[i][0] for i in row))
-    print(f"retrieval recall@{args.k}: {np.mean(hits):.2f}")
+    print(f"retrieval recall@{args.k}: {np.mean(hits):.2f} (index: {index.backend.name}, "
+          f"{index.backend.num_shards} shards)")
+    print("  'eating out' where accounts^=Expenses:Food, date>=2023-03-08: "
+          + " | ".join(hit["title"] for hit in index.hits(food)))
 
     with tempfile.TemporaryDirectory() as tmp:
         spiece = vocabulary.train_sentencepiece(texts + [q for q, _, _ in QUESTIONS],
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     for (question, _, _), tokens in zip(QUESTIONS, generated):
         kept = [int(t) for t in tokens if 1 < t < processor.get_piece_size()]
         print(f"  {question} -> {processor.decode(kept)!r}")
-    summary = {"passages": len(texts), "passages_per_second": round(len(texts) / embed_seconds, 1),
+    summary = {"passages": len(texts), "filtered_hits": [h["id"] for h in index.hits(food)], "passages_per_second": round(len(texts) / embed_seconds, 1),
                f"recall@{args.k}": float(np.mean(hits)), "reader_logits_shape": logits.shape,
                "generated_shape": generated.shape,
                "seconds": round(time.perf_counter() - start, 2)}

@@ -23,6 +23,8 @@ def test_demo_runs_end_to_end():
     assert summary["recall@3"] == 1.0  # real MiniLM ranks each answering entry in the top 3
     assert summary["reader_logits_shape"] == [5, 12, 384]
     assert summary["generated_shape"] == [5, 8]
+    # The filtered query returns the two restaurant entries after March 8, not fewer.
+    assert sorted(summary["filtered_hits"]) == ["entry-3", "entry-8"]
 
 
 def test_unknown_command_is_an_error():
