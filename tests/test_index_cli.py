@@ -70,6 +70,9 @@ def test_build_writes_manifest_and_shards(built_index, passages_file):
     assert manifest["passages"]["sha256"] == passages.file_sha256(passages_file)
     shard = np.load(built_index / manifest["shards"][0]["file"], allow_pickle=False)
     assert shard.dtype == np.float16 and shard.shape == (59, 384)
+    assert manifest["bm25"] == "bm25" and (built_index / "bm25" / "bm25.json").exists()
+    index = passage_index.PassageIndex.load(built_index)
+    assert index.bm25_directory == built_index / "bm25" and index.bm25.size == 59
 
 
 def test_search_prints_json_hits(built_index, capsys):

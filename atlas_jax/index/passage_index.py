@@ -9,6 +9,7 @@ On disk (a directory, written atomically: built in a sibling temp dir, then rena
                           int8 (+ embeddings/scale.npy, per-dimension)
   tokens/retriever.{ids,lengths}.npy   pre-tokenized retriever text (for refreshes)
   deleted.npy             bool (count,) tombstones
+  bm25/                   the BM25 index (bm25s arrays + JSON vocabulary) for hybrid search
   scann/                  the ScaNN searcher (backend 'scann'), without ScaNN's docids pickle
 
 Every .npy is read with allow_pickle=False; nothing in an index executes code on load.
@@ -80,6 +81,8 @@ class PassageIndex:
     retriever_checkpoint: str | None = None
     retriever_step: int | None = None
     tokens: passages_lib.TokenArray | None = None
+
+    bm25_directory: Path | None = None               # a saved BM25 index to load lazily
 
     def __post_init__(self):
         self._metadata_table = None
@@ -155,7 +158,9 @@ class PassageIndex:
 
     @property
     def bm25(self) -> hybrid_lib.BM25Index:
-        if self._bm25 is None:
+        if self._bm25 is None and self.bm25_directory is not None:
+            self._bm25 = hybrid_lib.BM25Index.load(self.bm25_directory)
+        if self._bm25 is None or self._bm25.size != len(self.store):
             self._bm25 = hybrid_lib.BM25Index(self.store.retriever_texts())
         return self._bm25
 
@@ -211,7 +216,7 @@ class PassageIndex:
                                           new_embeddings.astype(self.embeddings.dtype)])
         self.deleted = np.concatenate([self.deleted, np.zeros(len(ids), bool)])
         self.tokens = None
-        self._metadata_table = self._bm25 = None
+        self._metadata_table = self._bm25 = self.bm25_directory = None
         return ids
 
     def delete(self, passage_ids: Sequence[str]) -> None:
@@ -223,23 +228,25 @@ class PassageIndex:
         self.deleted[rows] = True
 
     # --------------------------------------------------------------- save / load
-    def save(self, directory: str | Path, dtype: str = "float16") -> Path:
+    def save(self, directory: str | Path, dtype: str = "float16",
+             include_bm25: bool = True) -> Path:
         """Writes the index atomically (a reader of `directory` sees the old or the new
-        index, never a mix); returns the directory."""
+        index, never a mix), with its BM25 index for hybrid search unless `include_bm25` is
+        False; returns the directory."""
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"index dtype {dtype!r} is not one of {SAVE_DTYPES}")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self._write(staging, dtype)
+            self._write(staging, dtype, include_bm25)
             _replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return directory
 
-    def _write(self, out: Path, dtype: str) -> None:
+    def _write(self, out: Path, dtype: str, include_bm25: bool) -> None:
         (out / "embeddings").mkdir()
         self.store.write_jsonl(out / "passages.jsonl")
         rows = np.asarray(self.embeddings, np.float32)
@@ -266,6 +273,8 @@ class PassageIndex:
                    if dataclasses.is_dataclass(getattr(self.backend, "config", None)) else {}}
         if self.backend.name == "scann":
             self.backend.save(out / "scann")
+        if include_bm25:
+            self.bm25.save(out / "bm25")
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "count": len(self.store),
             "dim": self.dim, "dtype": dtype, "shards": shards,
@@ -274,6 +283,7 @@ class PassageIndex:
                          "sha256": passages_lib.file_sha256(out / "passages.jsonl")},
             "backend": backend, "deleted": "deleted.npy",
             "tokens": "tokens/retriever" if self.tokens is not None else None,
+            "bm25": "bm25" if include_bm25 else None,
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -328,8 +338,10 @@ class PassageIndex:
             backend_obj = _make_backend(name, embeddings, mesh, backend_config)
             if deleted.any():
                 backend_obj.delete(np.flatnonzero(deleted))
+        bm25_directory = directory / manifest["bm25"] if manifest.get("bm25") else None
         return cls(store, embeddings, backend_obj, deleted.astype(bool),
-                   manifest["retriever"]["checkpoint"], manifest["retriever"]["step"], tokens)
+                   manifest["retriever"]["checkpoint"], manifest["retriever"]["step"], tokens,
+                   bm25_directory)
 
 
 def tokenize_store(store: passages_lib.PassageStore, retriever: Any,
