@@ -74,7 +74,7 @@ def test_auto_config_follows_scann_rules_of_thumb():
     assert auto_config(99_999, DIM).mode == "ah"
     tree = auto_config(100_000, DIM)
     assert tree.mode == "tree_ah"
-    assert (tree.num_leaves, tree.num_leaves_to_search) == (316, 32)
+    assert (tree.num_leaves, tree.num_leaves_to_search) == (316, 79)
     assert auto_config(20_000, DIM).reorder_k == 1024
     assert tree.reorder_k == 256 and tree.training_sample_size == 100_000
     assert auto_config(4_000_000, DIM).training_sample_size == 100_000
@@ -116,7 +116,7 @@ def test_approximate_recall(which, mode, request, corpus, queries):
 def test_search_settings_trade_speed_for_recall(which, request, corpus, queries):
     backend = request.getfixturevalue(which)
     settings = scann_backend.search_settings(backend)
-    assert len(settings) == 3
+    assert len(settings) in (3, 4)            # tree_ah: 4 leaf counts, fewer when they clip
     truth = exact_search(corpus, queries, 10).ids
     recalls = [recall_at_k(backend.search(queries, 10, **setting).ids, truth)
                for setting in settings]
