@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
         {"id": f"entry-{i}", "title": title, "text": text,
          "metadata": {"date": title.split()[0], "accounts": ACCOUNT.findall(text)}}
         for i, (title, text) in enumerate(PASSAGES))
-    index = passage_index.PassageIndex.from_embeddings(store, passage_embeddings)
+    ledger_index = passage_index.PassageIndex.from_embeddings(store, passage_embeddings)
     query_embeddings = retriever.embed([q for q, _, _ in QUESTIONS], tower="query")
-    top = index.search(query_embeddings, args.k).ids  # (questions, k), exact, sharded
+    top = ledger_index.search(query_embeddings, args.k).ids  # (questions, k), exact, sharded
     hits = [gold in row for (_, gold, _), row in zip(QUESTIONS, top)]
-    food = index.search(retriever.embed(["eating out"], tower="query"), 2,
+    food = ledger_index.search(retriever.embed(["eating out"], tower="query"), 2,
                         where=["accounts^=Expenses:Food", "date>=2023-03-08"])
     print(f"retriever: {retriever.path} ({retriever.config.num_layers} layers, "
           f"dim {retriever.config.hidden_size}); {len(texts)} passages embedded at "
@@ -93,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
     for (question, gold, _), row, hit in zip(QUESTIONS, top, hits):
         print(f"  {'HIT ' if hit else 'MISS'} {question}\n       top-{args.k}: "
               + " | ".join(PASSAGES[i][0] for i in row))
-    print(f"retrieval recall@{args.k}: {np.mean(hits):.2f} (index: {index.backend.name}, "
-          f"{index.backend.num_shards} shards)")
+    print(f"retrieval recall@{args.k}: {np.mean(hits):.2f} (index: {ledger_index.backend.name}, "
+          f"{ledger_index.backend.num_shards} shards)")
     print("  'eating out' where accounts^=Expenses:Food, date>=2023-03-08: "
-          + " | ".join(hit["title"] for hit in index.hits(food)))
+          + " | ".join(hit["title"] for hit in ledger_index.hits(food)))
 
     with tempfile.TemporaryDirectory() as tmp:
         spiece = vocabulary.train_sentencepiece(texts + [q for q, _, _ in QUESTIONS],
@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     for (question, _, _), tokens in zip(QUESTIONS, generated):
         kept = [int(t) for t in tokens if 1 < t < processor.get_piece_size()]
         print(f"  {question} -> {processor.decode(kept)!r}")
-    summary = {"passages": len(texts), "filtered_hits": [h["id"] for h in index.hits(food)], "passages_per_second": round(len(texts) / embed_seconds, 1),
+    summary = {"passages": len(texts),
+               "filtered_hits": [hit["id"] for hit in ledger_index.hits(food)],
+               "passages_per_second": round(len(texts) / embed_seconds, 1),
                f"recall@{args.k}": float(np.mean(hits)), "reader_logits_shape": logits.shape,
                "generated_shape": generated.shape,
                "seconds": round(time.perf_counter() - start, 2)}
