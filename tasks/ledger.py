@@ -1,0 +1,599 @@
+"""Ledger QA data: a reproducible Beancount ledger, its passages, and questions proven by BQL.
+
+`generate(out_dir, seed, start, end, cutoff, birth)` writes into `out_dir`:
+
+  ledger.beancount   beancount's example ledger (`bean-example --seed S --date-begin START
+                     --date-end END --date-birth BIRTH`, byte for byte), `bean-check` clean
+  passages.jsonl     one passage per transaction and per balance assertion (DESIGN.md §4):
+                     text = the entry as beancount's printer writes it; metadata `type`
+                     (transaction|balance), `date` (ISO), `payee`, `narration`, `accounts`,
+                     `amounts` (["45.60 USD", ...]), `amount` (float: the largest absolute
+                     USD posting amount, for range filters), `tags`
+  qa_{train,dev,test,new}.jsonl, qa_train_64.jsonl
+                     `{"id", "question", "answers", "kind", "gold_ids", "filters", "bql",
+                     "phrasing"}`; the first answer is the ledger's own form
+  summary.json       counts per split, kind and phrasing, and the sha256 of every other file
+
+Question kinds (uniqueness is checked against the whole ledger, so each question has one
+answer): `payment_amount` / `expense_account` (a payment: a transaction with a payee and
+exactly two postings, one of them a positive USD amount on an `Expenses:` account; asked only
+when that payee, compared case-insensitively, has no other transaction that day), `payee_of`
+(asked only when no other transaction that day has a USD posting of the same absolute
+amount), `balance` (every balance assertion; beancount asserts the balance at the start of
+the day) and `monthly_total` (an aggregate: the USD total of an `Expenses:X` category over a
+calendar month that lies wholly inside [start, end]; no gold passages).
+
+Every gold answer is the result of the record's `bql`, executed with beanquery. Splits are by
+time: entries dated before the cutoff feed train/dev/test (80/10/10 by a seeded shuffle of
+the entries, so all questions about one entry, or one month, share a split); `new` asks only
+about entries on or after it. A month that straddles the cutoff is skipped. The default
+cutoff is the first day of the month on or after the point 80% of the way from start to end
+(2023-01-01 for 2019-01-01..2023-12-31).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import random
+import re
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Sequence
+
+from atlas_jax_tasks import ledger_phrasing as phrasing
+
+DEFAULT_SEED = 0
+DEFAULT_START = "2019-01-01"
+DEFAULT_END = "2023-12-31"
+DEFAULT_BIRTH = "1980-05-12"
+DEFAULT_TRAIN_FEW_SHOT = 64
+CUTOFF_FRACTION = 0.8
+SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}
+SPLITS = ("train", "dev", "test", "new")
+KINDS = ("payment_amount", "expense_account", "payee_of", "balance", "monthly_total")
+AGGREGATE_KINDS = ("monthly_total",)
+LEDGER_FILE = "ledger.beancount"
+PASSAGES_FILE = "passages.jsonl"
+SUMMARY_FILE = "summary.json"
+USD = phrasing.OPERATING_CURRENCY
+
+# One BQL template per kind; `%(name)s` placeholders are filled with BQL literals.
+BQL_TEMPLATES = {
+    "payment_amount": ("SELECT number, currency WHERE date = %(date)s AND payee = %(payee)s "
+                       "AND account ~ '^Expenses:'"),
+    "expense_account": ("SELECT account WHERE date = %(date)s AND payee = %(payee)s "
+                        "AND account ~ '^Expenses:'"),
+    "payee_of": ("SELECT DISTINCT payee WHERE date = %(date)s AND currency = 'USD' "
+                 "AND abs(number) = %(amount)s"),
+    "balance": "SELECT amount FROM #balances WHERE date = %(date)s AND account = %(account)s",
+    "monthly_total": ("SELECT sum(number) AS total, currency WHERE account ~ %(pattern)s "
+                      "AND currency = 'USD' AND date >= %(first)s AND date <= %(last)s "
+                      "GROUP BY currency"),
+}
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be generated, parsed or validated; the message carries the
+    ledger's own `file:line: message` lines."""
+
+
+# ---------------------------------------------------------------------------- dates, ledger
+
+def parse_date(text: str | datetime.date, what: str) -> datetime.date:
+    """`YYYY-MM-DD` -> date; ValueError naming `what` (e.g. `--start`) otherwise."""
+    if isinstance(text, datetime.date):
+        return text
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(text)):
+            raise ValueError
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{what}: expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def default_cutoff(start: datetime.date, end: datetime.date) -> datetime.date:
+    """The first day of the month on or after the point `CUTOFF_FRACTION` (80%) of the way
+    from `start` to `end` (that point itself if the month start would pass `end`)."""
+    point = start + datetime.timedelta(days=round(CUTOFF_FRACTION * (end - start).days))
+    if point.day == 1:
+        return point
+    month_start = (point.replace(day=28) + datetime.timedelta(days=4)).replace(day=1)
+    return month_start if month_start <= end else point
+
+
+def write_example_ledger(path: str | Path, seed: int, start: datetime.date,
+                         end: datetime.date, birth: datetime.date) -> None:
+    """Writes beancount's example ledger, as `bean-example --seed S --date-begin START
+    --date-end END --date-birth BIRTH` would (that script's only other input is today's
+    date, used for defaults we always pass). The generator draws from the global `random`
+    module: it is seeded here and its previous state restored afterwards."""
+    from beancount.scripts import example
+
+    state = random.getstate()
+    buffer = io.StringIO()
+    try:
+        random.seed(seed)
+        example.write_example_file(birth, start, end, True, buffer)
+    except Exception as error:  # the generator's own failure, e.g. on a too-short range
+        raise LedgerError(f"beancount's example generator failed for seed {seed}, "
+                          f"{start}..{end} ({type(error).__name__}: {error}); it needs a "
+                          f"range of a few months or more") from error
+    finally:
+        random.setstate(state)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(buffer.getvalue())
+
+
+def format_ledger_errors(errors: Sequence[Any], limit: int = 20) -> str:
+    """beancount errors as `file:line: message` lines (the first `limit` of them)."""
+    lines = []
+    for error in errors[:limit]:
+        source = getattr(error, "source", None) or {}
+        where = f"{source.get('filename', '<unknown>')}:{source.get('lineno', '?')}"
+        lines.append(f"{where}: {str(getattr(error, 'message', error)).strip()}")
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more errors")
+    return "\n".join(lines)
+
+
+def load_ledger(path: str | Path, *, with_options: bool = False):
+    """Parses, books and validates a Beancount file (what `bean-check` does).
+
+    The pickle load cache of `beancount.loader.load_file` is bypassed: loading never writes
+    `.picklecache` files next to the ledger nor unpickles one (DESIGN.md §3).
+
+    Returns:
+      The date-sorted entries, or `(entries, options_map)` with `with_options=True`.
+
+    Raises:
+      LedgerError (a ValueError) whose message lists the ledger's own `file:line: message`
+      for every parse or validation error, or names a missing file.
+    """
+    from beancount import loader
+
+    path = Path(path).absolute()
+    if not path.is_file():
+        raise LedgerError(f"{path}: no such ledger file")
+    entries, errors, options = loader._load([(str(path), True)], None, None, None)
+    if errors:
+        raise LedgerError(f"{path}: {len(errors)} error(s) in the ledger:\n"
+                          + format_ledger_errors(errors))
+    return (entries, options) if with_options else entries
+
+
+# -------------------------------------------------------------------------------- passages
+
+def _amount_text(number: Decimal, currency: str) -> str:
+    return f"{format(number, 'f')} {currency}"
+
+
+def _largest_amount(units: Sequence[Any]) -> float:
+    """Largest |number| over the USD units, or over all units if none is in USD."""
+    usd = [abs(u.number) for u in units if u.currency == USD]
+    return float(max(usd or [abs(u.number) for u in units] or [Decimal(0)]))
+
+
+def build_passages(entries: Sequence[Any]) -> list[tuple[dict, Any]]:
+    """(passage record, entry) for every transaction and balance assertion, in ledger
+    order; ids `txn-{date}-{n}` / `bal-{date}-{n}` (n counts from 1 within the day)."""
+    from beancount.core import data
+    from beancount.parser import printer
+
+    passages, per_day = [], collections.Counter()
+    for entry in entries:
+        if isinstance(entry, data.Transaction):
+            prefix, payee = "txn", entry.payee or ""
+            units = [posting.units for posting in entry.postings]
+            accounts = list(dict.fromkeys(posting.account for posting in entry.postings))
+            title, narration = f"{entry.date} {payee or entry.narration}", entry.narration
+            tags = sorted(entry.tags or ())
+        elif isinstance(entry, data.Balance):
+            prefix, payee, narration, tags = "bal", "", "", []
+            units, accounts = [entry.amount], [entry.account]
+            title = f"{entry.date} balance {entry.account}"
+        else:
+            continue
+        per_day[(prefix, entry.date)] += 1
+        record = {
+            "id": f"{prefix}-{entry.date}-{per_day[(prefix, entry.date)]}",
+            "title": title.strip(),
+            "text": printer.format_entry(entry).rstrip("\n"),
+            "metadata": {
+                "type": "transaction" if prefix == "txn" else "balance",
+                "date": entry.date.isoformat(), "payee": payee, "narration": narration,
+                "accounts": accounts,
+                "amounts": [_amount_text(u.number, u.currency) for u in units],
+                "amount": _largest_amount(units), "tags": tags,
+            },
+        }
+        passages.append((record, entry))
+    return passages
+
+
+# ------------------------------------------------------------------------------------- BQL
+
+def bql_literal(value: Any) -> str:
+    """A BQL literal: dates bare (`2023-03-14`), numbers plain, strings quoted."""
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'  # BQL has no escapes; a quote-carrying string is double-quoted
+    raise ValueError(f"cannot write {text!r} as a BQL string: it has both kinds of quotes")
+
+
+def render_bql(template: str, params: dict) -> str:
+    """Fills `%(name)s` placeholders with `bql_literal`s: the self-contained query."""
+    return _PLACEHOLDER.sub(lambda m: bql_literal(params[m.group(1)]), template)
+
+
+def run_bql(entries: Sequence[Any], options: dict, query: str) -> list[tuple]:
+    """Runs one BQL query with beanquery over loaded entries; returns the result rows."""
+    import beanquery
+
+    connection = beanquery.connect("beancount:", entries=entries, errors=[], options=options)
+    return connection.execute(query).fetchall()
+
+
+def answers_from_rows(kind: str, rows: Sequence[tuple]) -> list[str]:
+    """The acceptable answers of a question of `kind` from its BQL rows (exactly one)."""
+    if len(rows) != 1:
+        raise LedgerError(f"a {kind} query returned {len(rows)} rows, expected 1: {rows!r}")
+    row = rows[0]
+    if kind in ("payment_amount", "monthly_total"):
+        return phrasing.answer_forms_amount(row[0], row[1])
+    if kind == "balance":
+        return phrasing.answer_forms_amount(row[0].number, row[0].currency)
+    if kind == "expense_account":
+        return phrasing.answer_forms_account(row[0])
+    if kind == "payee_of":
+        return [row[0]]
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------- questions
+
+@dataclasses.dataclass
+class _Candidate:
+    """A question before phrasing: what to ask, how to prove it, where its answer lives."""
+    kind: str
+    split_group: str          # questions sharing a group share a split (an entry, a month)
+    first_date: datetime.date
+    params: dict              # BQL parameters
+    phrase_args: dict         # arguments of `phrasing.phrase_question`
+    gold_ids: list[str]
+    filters: list[str]
+    record_id: str
+
+
+def _payment_posting(entry: Any) -> Any | None:
+    """The expense posting of a payment (see the module doc), else None."""
+    if not entry.payee or entry.payee != entry.payee.strip() or len(entry.postings) != 2:
+        return None
+    expenses = [p for p in entry.postings if p.account.startswith("Expenses:")]
+    if len(expenses) != 1:
+        return None
+    posting = expenses[0]
+    return posting if posting.units.currency == USD and posting.units.number > 0 else None
+
+
+def _entry_candidates(passages: list[tuple[dict, Any]]) -> list[_Candidate]:
+    from beancount.core import data
+
+    transactions = [(r, e) for r, e in passages if isinstance(e, data.Transaction)]
+    payees_per_day = collections.Counter((e.date, (e.payee or "").casefold())
+                                         for _, e in transactions if e.payee)
+    amounts_per_day = collections.Counter()
+    for _, entry in transactions:
+        for number in {abs(p.units.number) for p in entry.postings if p.units.currency == USD}:
+            amounts_per_day[(entry.date, number)] += 1
+
+    candidates = []
+    for record, entry in passages:
+        pid, day = record["id"], entry.date
+        if isinstance(entry, data.Balance):
+            candidates.append(_Candidate(
+                "balance", pid, day, {"date": day, "account": entry.account},
+                {"day": day, "account": entry.account}, [pid],
+                [f"date={day}", f"accounts={entry.account}"], f"balance:{pid}"))
+            continue
+        posting = _payment_posting(entry)
+        if posting is None:
+            continue
+        payee = entry.payee
+        if payees_per_day[(day, payee.casefold())] == 1:
+            filters = [f"date={day}", f"payee={payee}", "accounts^=Expenses:"]
+            for kind in ("payment_amount", "expense_account"):
+                candidates.append(_Candidate(
+                    kind, pid, day, {"date": day, "payee": payee},
+                    {"day": day, "payee": payee}, [pid], filters, f"{kind}:{pid}"))
+        number = posting.units.number
+        if amounts_per_day[(day, number)] == 1:
+            candidates.append(_Candidate(
+                "payee_of", pid, day, {"date": day, "amount": number},
+                {"day": day, "amount": (number, USD)}, [pid],
+                [f"date={day}", f"amount={format(number, 'f')}"], f"payee_of:{pid}"))
+    return candidates
+
+
+def _month_bounds(year: int, month: int) -> tuple[datetime.date, datetime.date]:
+    first = datetime.date(year, month, 1)
+    following = (first.replace(day=28) + datetime.timedelta(days=4)).replace(day=1)
+    return first, following - datetime.timedelta(days=1)
+
+
+def _monthly_candidates(passages: list[tuple[dict, Any]], start: datetime.date,
+                        end: datetime.date, cutoff: datetime.date) -> list[_Candidate]:
+    """USD totals of `Expenses:X` categories over months wholly inside [start, end] and
+    wholly on one side of the cutoff."""
+    from beancount.core import data
+
+    categories_per_month = collections.defaultdict(set)
+    all_accounts = set()
+    for _, entry in passages:
+        if not isinstance(entry, data.Transaction):
+            continue
+        for posting in entry.postings:
+            all_accounts.add(posting.account)
+            parts = posting.account.split(":")
+            if parts[0] == "Expenses" and len(parts) >= 2 and posting.units.currency == USD:
+                month = (entry.date.year, entry.date.month)
+                categories_per_month[month].add(":".join(parts[:2]))
+
+    def prefix_is_exact(category: str) -> bool:  # `accounts^=category` selects only it
+        return all(a == category or a.startswith(category + ":")
+                   for a in all_accounts if a.startswith(category))
+
+    candidates = []
+    for (year, month) in sorted(categories_per_month):
+        first, last = _month_bounds(year, month)
+        if first < start or last > end or first < cutoff <= last:
+            continue
+        for category in sorted(categories_per_month[(year, month)]):
+            if not prefix_is_exact(category):
+                continue
+            params = {"pattern": f"^{re.escape(category)}(:|$)", "first": first, "last": last}
+            candidates.append(_Candidate(
+                "monthly_total", f"month-{first:%Y-%m}", first, params,
+                {"month": (year, month), "category": category}, [],
+                [f"date>={first}", f"date<={last}", f"accounts^={category}"],
+                f"monthly_total:{first:%Y-%m}:{category}"))
+    return candidates
+
+
+def build_questions(entries: Sequence[Any], options: dict, passages: list[tuple[dict, Any]],
+                    seed: int, start: datetime.date, end: datetime.date,
+                    cutoff: datetime.date) -> dict[str, list[dict]]:
+    """Question records per split (`train`, `dev`, `test`, `new`), answers from beanquery."""
+    import beanquery
+    from beanquery import parser as bql_parser
+
+    candidates = (_entry_candidates(passages)
+                  + _monthly_candidates(passages, start, end, cutoff))
+    connection = beanquery.connect("beancount:", entries=entries, errors=[], options=options)
+    parsed = {kind: bql_parser.parse(template) for kind, template in BQL_TEMPLATES.items()}
+    phrasing_rng = random.Random(f"atlas-jax-ledger-phrasing-{seed}")
+    records = []
+    for candidate in candidates:
+        # Each template is parsed once; the record's `bql` is the same query written out.
+        rows = connection.execute(parsed[candidate.kind], candidate.params).fetchall()
+        question, used = phrasing.phrase_question(candidate.kind, phrasing_rng,
+                                                  **candidate.phrase_args)
+        records.append((candidate, {
+            "id": candidate.record_id, "question": question,
+            "answers": answers_from_rows(candidate.kind, rows), "kind": candidate.kind,
+            "gold_ids": candidate.gold_ids, "filters": candidate.filters,
+            "bql": render_bql(BQL_TEMPLATES[candidate.kind], candidate.params),
+            "phrasing": used,
+        }))
+    return _split(records, seed, cutoff)
+
+
+def _split(records: list[tuple[_Candidate, dict]], seed: int,
+           cutoff: datetime.date) -> dict[str, list[dict]]:
+    """`new` for groups on/after the cutoff; the others by a seeded shuffle of the groups
+    of each type (`txn`, `bal`, `month`), 80/10/10."""
+    groups_by_type = collections.defaultdict(set)
+    for candidate, _ in records:
+        if candidate.first_date < cutoff:
+            group_type = candidate.split_group.split("-", 1)[0]
+            groups_by_type[group_type].add(candidate.split_group)
+    rng = random.Random(f"atlas-jax-ledger-split-{seed}")
+    split_of = {}
+    for group_type in sorted(groups_by_type):
+        groups = sorted(groups_by_type[group_type])
+        rng.shuffle(groups)
+        # With 3 or more groups, dev and test get at least one each.
+        least = 1 if len(groups) >= 3 else 0
+        num_dev = max(least, round(SPLIT_FRACTIONS["dev"] * len(groups)))
+        num_test = max(least, round(SPLIT_FRACTIONS["test"] * len(groups)))
+        num_train = len(groups) - num_dev - num_test
+        for i, group in enumerate(groups):
+            split_of[group] = ("train" if i < num_train else
+                               "dev" if i < num_train + num_dev else "test")
+    splits = {name: [] for name in SPLITS}
+    for candidate, record in records:
+        name = "new" if candidate.first_date >= cutoff else split_of[candidate.split_group]
+        splits[name].append(record)
+    return splits
+
+
+def few_shot_sample(train: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` train records, round-robin over kinds after a seeded shuffle."""
+    shuffled = list(train)
+    random.Random(f"atlas-jax-ledger-few-shot-{seed}").shuffle(shuffled)
+    by_kind = {kind: [r for r in shuffled if r["kind"] == kind] for kind in KINDS}
+    picked = []
+    while len(picked) < min(count, len(train)):
+        for kind in KINDS:
+            if by_kind[kind] and len(picked) < count:
+                picked.append(by_kind[kind].pop(0))
+    return picked
+
+
+# ------------------------------------------------------------------------------- generate
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT_START,
+             end: str = DEFAULT_END, cutoff: str | None = None, birth: str = DEFAULT_BIRTH,
+             train_few_shot: int = DEFAULT_TRAIN_FEW_SHOT) -> dict:
+    """Generates the ledger QA folder (files in the module doc).
+
+    Args:
+      out_dir: folder to write (created if missing; the files are overwritten).
+      seed: seeds the ledger generator, the phrasing choices and the splits.
+      start, end: the ledger's date range, `YYYY-MM-DD`.
+      cutoff: first date of the `new` split (`YYYY-MM-DD`, start < cutoff <= end); default
+        `default_cutoff(start, end)`.
+      birth: the fictional owner's birth date (bean-example `--date-birth`).
+      train_few_shot: size of `qa_train_64.jsonl`.
+
+    Returns:
+      The summary written to summary.json (counts per split, kind and phrasing; sha256 of
+      the files) plus `seconds` (timings, kept out of the file so that it stays
+      byte-identical) and `out_dir`.
+
+    Raises:
+      ValueError (LedgerError for the ledger itself) for bad arguments; OSError if the
+      folder cannot be written.
+    """
+    started = time.perf_counter()
+    start_date, end_date = parse_date(start, "start"), parse_date(end, "end")
+    birth_date = parse_date(birth, "birth")
+    if not start_date < end_date:
+        raise ValueError(f"start {start_date} must be before end {end_date}")
+    cutoff_date = (default_cutoff(start_date, end_date) if cutoff is None
+                   else parse_date(cutoff, "cutoff"))
+    if not start_date < cutoff_date <= end_date:
+        raise ValueError(f"cutoff {cutoff_date} must lie in ({start_date}, {end_date}]")
+    if not birth_date < start_date:
+        raise ValueError(f"birth {birth_date} must be before start {start_date}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or train_few_shot < 0:
+        raise ValueError(f"seed must be an int and train_few_shot >= 0, got {seed!r}, "
+                         f"{train_few_shot!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+
+    ledger_path = out / LEDGER_FILE
+    write_example_ledger(ledger_path, seed, start_date, end_date, birth_date)
+    seconds["ledger"] = time.perf_counter() - started
+    entries, options = load_ledger(ledger_path, with_options=True)
+    passages = build_passages(entries)
+    _write_jsonl(out / PASSAGES_FILE, [record for record, _ in passages])
+    seconds["load_and_passages"] = time.perf_counter() - started - seconds["ledger"]
+
+    mark = time.perf_counter()
+    splits = build_questions(entries, options, passages, seed, start_date, end_date,
+                             cutoff_date)
+    splits["train_64"] = few_shot_sample(splits["train"], train_few_shot, seed)
+    for name, records in splits.items():
+        _write_jsonl(out / f"qa_{name}.jsonl", records)
+    seconds["questions"] = time.perf_counter() - mark
+
+    summary = _summary(out, passages, splits, entries, seed=seed, start=start_date,
+                       end=end_date, cutoff=cutoff_date, birth=birth_date,
+                       train_few_shot=train_few_shot)
+    with open(out / SUMMARY_FILE, "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(summary, indent=1) + "\n")
+    seconds["total"] = time.perf_counter() - started
+    return {**summary, "out_dir": str(out),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def _summary(out: Path, passages, splits, entries, **args) -> dict:
+    before = sum(1 for record, _ in passages if record["metadata"]["date"] < str(args["cutoff"]))
+    phrasing_counts = {key: collections.Counter() for key in ("date", "amount", "payee")}
+    template_counts = collections.Counter()
+    for name in SPLITS:
+        for record in splits[name]:
+            for key, counter in phrasing_counts.items():
+                counter[record["phrasing"][key]] += 1
+            template_counts[f"{record['kind']}/{record['phrasing']['template']}"] += 1
+    files = [LEDGER_FILE, PASSAGES_FILE] + [f"qa_{name}.jsonl" for name in splits]
+    return {
+        "args": {key: str(value) if isinstance(value, datetime.date) else value
+                 for key, value in args.items()},
+        "ledger": {"lines": (out / LEDGER_FILE).read_text(encoding="utf-8").count("\n"),
+                   "entries": len(entries),
+                   "first_date": str(entries[0].date) if entries else None,
+                   "last_date": str(entries[-1].date) if entries else None},
+        "passages": {"total": len(passages),
+                     "transactions": sum(r["id"].startswith("txn-") for r, _ in passages),
+                     "balances": sum(r["id"].startswith("bal-") for r, _ in passages),
+                     "before_cutoff": before, "on_or_after_cutoff": len(passages) - before},
+        "questions": {name: len(records) for name, records in splits.items()},
+        "kinds": {kind: {name: sum(r["kind"] == kind for r in splits[name])
+                         for name in splits} for kind in KINDS},
+        "phrasing": {key: dict(sorted(counter.items()))
+                     for key, counter in phrasing_counts.items()},
+        "templates": dict(sorted(template_counts.items())),
+        "sha256": {name: _sha256(out / name) for name in files},
+    }
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `atlas-jax data ledger`; sets `run` as the subcommand's handler."""
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the ledger, the phrasing and the splits")
+    parser.add_argument("--start", default=DEFAULT_START, help="first date, YYYY-MM-DD")
+    parser.add_argument("--end", default=DEFAULT_END, help="last date, YYYY-MM-DD")
+    parser.add_argument("--cutoff", default=None,
+                        help="first date of the `new` split (default: the first of the "
+                             "month on/after 80%% of the way from start to end)")
+    parser.add_argument("--birth", default=DEFAULT_BIRTH,
+                        help="the fictional owner's birth date (bean-example --date-birth)")
+    parser.add_argument("--train-few-shot", type=int, default=DEFAULT_TRAIN_FEW_SHOT,
+                        help="examples in qa_train_64.jsonl")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generates the folder and prints the summary as JSON; exit code 2 and a message on
+    stderr for bad input."""
+    try:
+        summary = generate(args.out, seed=args.seed, start=args.start, end=args.end,
+                           cutoff=args.cutoff, birth=args.birth,
+                           train_few_shot=args.train_few_shot)
+    except (ValueError, OSError) as error:
+        print(f"atlas-jax data ledger: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m atlas_jax_tasks.ledger --out DIR ...` (the same flags as the subcommand)."""
+    parser = argparse.ArgumentParser(prog="atlas-jax data ledger",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
