@@ -1,19 +1,30 @@
-"""`atlas-jax` command line. Subcommands arrive with their issues (DESIGN.md §5)."""
+"""`atlas-jax` command line (DESIGN.md §5).
+
+Subcommands are imported only when they run: `index` pulls in JAX and ScaNN, `data` pulls in
+TensorFlow and SeqIO, and neither should slow the other down.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from atlas_jax import demo
-from atlas_jax.index import commands as index_commands
+# name -> (module with add_arguments(parser) setting `run`, one-line help)
+COMMANDS = {
+    "demo": ("atlas_jax.demo", "end-to-end smoke run over embedded Beancount entries"),
+    "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
+    "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atlas-jax", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="atlas-jax", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
-    index_commands.add_arguments(commands.add_parser(
-        "index", help="build, search and benchmark passage indexes"))
+    for name, (module, help_text) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(command)
     args = parser.parse_args(argv)
     return args.run(args)
 
