@@ -109,7 +109,7 @@ def main() -> None:
         if not (ledger_dir / "summary.json").exists():
             from atlas_jax_tasks import ledger
             summary = ledger.generate(ledger_dir, seed=0, start="2019-01-01", end="2023-12-31")
-            print(f"generated {ledger_dir} in {summary['seconds']:.1f}s")
+            print(f"generated {ledger_dir} in {summary['seconds']['total']:.1f}s")
     report = evaluate(ledger_dir, args.split)
     print(format_table(report))
     print(json.dumps(report))
