@@ -232,3 +232,20 @@ def test_add_passages_embeds_only_new_ones(built_index):
     with pytest.raises(passages.PassageFileError, match="missing required field 'text'"):
         index.add_passages([{"id": "bad", "title": "x"}], retriever)
     assert len(index.store) == len(before) + 1
+
+
+def test_scann_index_through_the_cli(passages_file, tmp_path, capsys):
+    out = tmp_path / "scann_idx"
+    assert cli.main(["index", "build", "--passages", str(passages_file), "--retriever",
+                     RETRIEVER, "--out", str(out), "--backend", "scann", "--no-progress"]) == 0
+    build = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert build["backend"] == "scann" and build["passages"] == 59
+    assert (out / "scann").is_dir() and not list(out.rglob("*.pkl"))
+    hits = _search(capsys, out, "coffee", "--k", "4", "--where", "accounts^=Expenses:Food",
+                   "--where", "amount>100")
+    assert len(hits) == 4
+    store = passages.PassageStore.from_jsonl(out / "passages.jsonl")
+    for hit in hits:
+        metadata = store.metadata[store.index_of([hit["id"]])[0]]
+        assert metadata["amount"] > 100
+        assert any(a.startswith("Expenses:Food") for a in metadata["accounts"])
