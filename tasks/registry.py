@@ -25,6 +25,7 @@ from atlas_jax_tasks.ledger_tasks import register_ledger_tasks
 from atlas_jax_tasks.multiple_choice import register_multiple_choice_task
 from atlas_jax_tasks.pretraining import register_prefix_lm_task, register_span_corruption_task
 from atlas_jax_tasks.qa import register_qa_task
+from atlas_jax_tasks.synthetic import register_synthetic_tasks
 from atlas_jax_tasks.tfds_sources import register_tfds_qa_tasks
 
 TASK_DESCRIPTIONS = {
@@ -39,6 +40,8 @@ TASK_DESCRIPTIONS = {
                              "(MC_TRAIN_FILE, MC_VALIDATION_FILE, MC_TEST_FILE)",
     "ledger_qa": "Beancount ledger QA: train, validation, test, new, train_64 (LEDGER_DIR)",
     "ledger_mlm": "span corruption over the ledger's passages (LEDGER_DIR)",
+    "synthetic_qa": "synthetic joint-training QA: one passage states each answer "
+                    "(SYNTHETIC_DIR, generated when missing)",
 }
 
 
@@ -113,4 +116,5 @@ def register_configured_tasks() -> list[str]:
     Returns:
       the names registered by this call.
     """
-    return register_tfds_qa_tasks() + register_jsonl_tasks() + register_ledger_tasks()
+    return (register_tfds_qa_tasks() + register_jsonl_tasks() + register_ledger_tasks()
+            + register_synthetic_tasks())
