@@ -461,7 +461,8 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT
     """Generates the ledger QA folder (files in the module doc).
 
     Args:
-      out_dir: folder to write (created if missing; the files are overwritten).
+      out_dir: folder to write: new, empty, or an earlier output of `generate` (its files
+        are overwritten); any other existing folder is refused.
       seed: seeds the ledger generator, the phrasing choices and the splits.
       start, end: the ledger's date range, `YYYY-MM-DD`.
       cutoff: first date of the `new` split (`YYYY-MM-DD`, start < cutoff <= end); default
@@ -493,6 +494,12 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT
         raise ValueError(f"seed must be an int and train_few_shot >= 0, got {seed!r}, "
                          f"{train_few_shot!r}")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / "summary.json").is_file())):
+        # Only an earlier generated folder (it has summary.json) is overwritten: a folder of
+        # the user's own (e.g. their real ledger) is never touched.
+        raise ValueError(f"refusing to write into {out}: it exists and is not a folder "
+                         "written by `atlas-jax data ledger` (no summary.json)")
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}
 

@@ -26,3 +26,13 @@ def test_data_ledger_bad_dates_exit_2(tmp_path, capsys):
     assert cli.main(["data", "ledger", "--start", "2022-13-01", "--out",
                      str(tmp_path / "x")]) == 2
     assert "2022-13-01" in capsys.readouterr().err
+
+
+def test_data_ledger_never_writes_into_a_users_folder(tmp_path, capsys):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "ledger.beancount").write_text("2020-01-01 open Assets:Cash\n")
+    assert cli.main(["data", "ledger", "--start", "2022-01-01", "--end", "2022-04-30",
+                     "--out", str(books)]) == 2
+    assert "not a folder written by" in capsys.readouterr().err
+    assert (books / "ledger.beancount").read_text() == "2020-01-01 open Assets:Cash\n"

@@ -249,3 +249,21 @@ def test_scann_index_through_the_cli(passages_file, tmp_path, capsys):
         metadata = store.metadata[store.index_of([hit["id"]])[0]]
         assert metadata["amount"] > 100
         assert any(a.startswith("Expenses:Food") for a in metadata["accounts"])
+
+
+def test_build_never_replaces_a_directory_that_is_not_an_index(passages_file, tmp_path, capsys):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    assert cli.main(["index", "build", "--passages", str(passages_file), "--retriever",
+                     RETRIEVER, "--out", str(precious), "--no-progress"]) == 2
+    assert "not an atlas-jax index" in capsys.readouterr().err
+    assert (precious / "todo.txt").read_text() == "keep me"
+    index = passage_index.PassageIndex.load(
+        passage_index.PassageIndex.from_embeddings(
+            passages.PassageStore.from_records([{"id": "a", "text": "x"}]),
+            np.ones((1, 4), np.float32)).save(tmp_path / "idx"))
+    with pytest.raises(FileExistsError, match="not an atlas-jax index"):
+        index.save(precious)
+    assert (precious / "todo.txt").read_text() == "keep me"
+    index.save(tmp_path / "idx")                  # replacing an index is fine

@@ -59,6 +59,11 @@ def run_build(args: argparse.Namespace) -> int:
         retriever = weights.load_retriever(args.retriever)
     except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
         return _fail(str(e))
+    out = Path(args.out)
+    if out.exists() and not (out / "manifest.json").is_file() and (
+            not out.is_dir() or any(out.iterdir())):
+        return _fail(f"refusing to write an index over {out}: it exists and is not an "
+                     "atlas-jax index (no manifest.json)")
     start = time.perf_counter()
     config = (device.DeviceIndexConfig(storage=args.storage) if args.backend == "device"
               else None)
@@ -67,7 +72,10 @@ def run_build(args: argparse.Namespace) -> int:
                                              batch_size=args.batch_size,
                                              progress=not args.no_progress)
     build_seconds = time.perf_counter() - start
-    index.save(args.out, dtype=args.dtype)
+    try:
+        index.save(args.out, dtype=args.dtype)
+    except FileExistsError as e:
+        return _fail(str(e))
     print(json.dumps({"index": args.out, "passages": len(store), "dim": index.dim,
                       "backend": args.backend, "dtype": args.dtype,
                       "bytes_per_vector": index.backend.bytes_per_vector(),

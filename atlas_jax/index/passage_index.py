@@ -236,6 +236,13 @@ class PassageIndex:
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"index dtype {dtype!r} is not one of {SAVE_DTYPES}")
         directory = Path(directory)
+        if directory.exists() and not (directory / "manifest.json").is_file():
+            # Replacing is only safe for an index: anything else would be deleted.
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+            else:
+                raise FileExistsError(f"refusing to write an index over {directory}: it exists "
+                                      "and is not an atlas-jax index (no manifest.json)")
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
