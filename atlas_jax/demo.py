@@ -3,9 +3,10 @@
 Until the ledger demo lands this embeds a handful of Beancount entries with the real
 all-MiniLM-L6-v2 weights into a `PassageIndex` (exact search sharded over the devices),
 retrieves the top-k for a few questions (and reports recall@k against the entry that answers
-each one) and one query with metadata filters (account prefix, date range), then runs a tiny randomly initialised FiD reader
-over the retrieved passages: teacher-forced logits and KV-cached greedy decoding. The reader
-is untrained, so its answers are noise; the point is that every stage runs end to end.
+each one) and one query with metadata filters (account prefix, date range), then runs a tiny
+randomly initialised FiD reader over the retrieved passages: teacher-forced logits and
+KV-cached greedy decoding. The reader is untrained, so its answers are noise; the point is
+that every stage runs end to end.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from atlas_jax.index import base, device
+from atlas_jax.index import device
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 CACHE_DIR = Path(os.environ.get("ATLAS_JAX_CACHE", Path.home() / ".cache" / "atlas_jax"))
@@ -162,11 +162,12 @@ def bench_dataset(dataset: str, database: np.ndarray, queries: np.ndarray,
                        ("device_approx_max_k", device.DeviceIndexConfig(approx_recall=0.95))]
     for method, config in device_settings:
         backend, build_s = _timed(lambda: device.DeviceBackend(database, config=config))
-        rows.append(_search_rows(dataset, method, lambda q: backend.search(q, K).ids,
+        rows.append(_search_rows(dataset, method,
+                                 lambda q, index=backend: index.search(q, K).ids,
                                  reference, queries, build_s, backend.bytes_per_vector(),
                                  devices=backend.num_shards))
         log(rows[-1])
-        del backend
+        del backend                                       # free device memory before the next
     rows += _scann_rows(dataset, queries, reference, log)
     if use_faiss:
         rows += _faiss_rows(dataset, queries, reference, log)

@@ -91,8 +91,11 @@ class PassageIndex:
     # --------------------------------------------------------------- construction
     @classmethod
     def from_embeddings(cls, store: passages_lib.PassageStore, embeddings: np.ndarray,
-                        backend: str = "device", mesh=None, backend_config: Any = None,
+                        backend: str | None = None, mesh=None, backend_config: Any = None,
                         **kwargs) -> "PassageIndex":
+        """An index over `store` from precomputed (count, dim) embeddings (row i = passage i);
+        `backend` defaults to gin's `IndexConfig.backend`."""
+        backend = backend or IndexConfig().backend
         embeddings = np.asarray(embeddings)
         if len(embeddings) != len(store):
             raise ValueError(f"{len(embeddings)} embeddings for {len(store)} passages")
@@ -100,7 +103,7 @@ class PassageIndex:
                    np.zeros(len(store), bool), **kwargs)
 
     @classmethod
-    def build(cls, store: passages_lib.PassageStore, retriever: Any, backend: str = "device",
+    def build(cls, store: passages_lib.PassageStore, retriever: Any, backend: str | None = None,
               mesh=None, backend_config: Any = None, batch_size: int = 256,
               params: Any = None, progress: bool = True,
               retriever_step: int | None = None) -> "PassageIndex":
