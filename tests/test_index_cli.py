@@ -63,6 +63,12 @@ def _search(capsys, index_dir, query, *extra):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+def _hit_metadata(index_dir, hits):
+    """The metadata of each printed hit, read from the index's own passages file."""
+    store = passages.PassageStore.from_jsonl(index_dir / "passages.jsonl")
+    return [store.metadata[row] for row in store.index_of([hit["id"] for hit in hits])]
+
+
 def test_build_writes_manifest_and_shards(built_index, passages_file):
     manifest = json.loads((built_index / "manifest.json").read_text())
     assert manifest["count"] == 59 and manifest["dim"] == 384
@@ -87,9 +93,7 @@ def test_filters_return_k_hits_all_satisfying(built_index, capsys):
     hits = _search(capsys, built_index, "coffee", "--k", "5", "--where", "date>=2023-01-01",
                    "--where", "accounts^=Expenses:Food")
     assert len(hits) == 5
-    store = passages.PassageStore.from_jsonl(built_index / "passages.jsonl")
-    for hit in hits:
-        metadata = store.metadata[store.index_of([hit["id"]])[0]]
+    for metadata in _hit_metadata(built_index, hits):
         assert metadata["date"] >= "2023-01-01"
         assert any(a.startswith("Expenses:Food") for a in metadata["accounts"])
 
@@ -244,9 +248,7 @@ def test_scann_index_through_the_cli(passages_file, tmp_path, capsys):
     hits = _search(capsys, out, "coffee", "--k", "4", "--where", "accounts^=Expenses:Food",
                    "--where", "amount>100")
     assert len(hits) == 4
-    store = passages.PassageStore.from_jsonl(out / "passages.jsonl")
-    for hit in hits:
-        metadata = store.metadata[store.index_of([hit["id"]])[0]]
+    for metadata in _hit_metadata(out, hits):
         assert metadata["amount"] > 100
         assert any(a.startswith("Expenses:Food") for a in metadata["accounts"])
 
