@@ -23,7 +23,8 @@ shrink the rows of rare tokens, which gradients seldom touch (and v1.0 T5 ties t
 the output layer).
 
 Schedules count optimizer updates (after accumulation), i.e. `total_steps` is the number of
-train steps divided by `accumulation_steps`.
+train steps divided by `accumulation_steps`. `freeze_retriever_steps` holds the retriever's
+learning rate at 0 for that many updates (Atlas's option of the same name).
 
 `apply_gradients` skips an update whose loss or gradients are not finite (params and
 optimizer state returned bit-identical, `skipped` returned as a metric); the host-side
@@ -66,6 +67,7 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0
     accumulation_steps: int = 1
     max_consecutive_nonfinite: int | None = 5
+    freeze_retriever_steps: int = 0
 
     def __post_init__(self):
         def fail(field: str, requirement: str):
@@ -83,7 +85,7 @@ class OptimizerConfig:
         checks = [("reader_learning_rate", 0, ">= 0"), ("retriever_learning_rate", 0, ">= 0"),
                   ("weight_decay", 0, ">= 0"), ("eps", 0, ">= 0"), ("warmup_steps", 0, ">= 0"),
                   ("clip_norm", 0, ">= 0 (None or 0 disables clipping)"),
-                  ("accumulation_steps", 1, ">= 1"),
+                  ("accumulation_steps", 1, ">= 1"), ("freeze_retriever_steps", 0, ">= 0"),
                   ("max_consecutive_nonfinite", 1, ">= 1 (None disables the stop)")]
         for field, minimum, requirement in checks:
             value = getattr(self, field)
@@ -121,6 +123,14 @@ def learning_rate_schedule(base_learning_rate: float, config: OptimizerConfig
         return (base_learning_rate * warmup_factor * decay_factor).astype(jnp.float32)
 
     return schedule
+
+
+def frozen_until(schedule: optax.Schedule, steps: int) -> optax.Schedule:
+    """`schedule` held at 0 for the first `steps` updates (Atlas's freeze_retriever_steps:
+    a zero learning rate is an exactly zero AdamW update, weight decay included)."""
+    if steps <= 0:
+        return schedule
+    return lambda step: jnp.where(step < steps, 0.0, schedule(step)).astype(jnp.float32)
 
 
 def parameter_group(top_level_key: str) -> str:
@@ -200,8 +210,11 @@ def make_optimizer(config: OptimizerConfig, params: Any) -> optax.GradientTransf
         if group == FROZEN_GROUP:
             per_group[group] = optax.set_to_zero()
         else:
+            schedule = learning_rate_schedule(learning_rates[group], config)
+            if group == "retriever":
+                schedule = frozen_until(schedule, config.freeze_retriever_steps)
             per_group[group] = optax.adamw(
-                learning_rate_schedule(learning_rates[group], config), b1=config.b1,
+                schedule, b1=config.b1,
                 b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
                 mask=decay_mask)
     steps = [_zero_frozen_gradients(groups)] if FROZEN_GROUP in groups.values() else []

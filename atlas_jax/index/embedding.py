@@ -54,6 +54,8 @@ def retriever_encoder(retriever: Retriever, max_length: int | None = None
     tokenizer = retriever.tokenizer
 
     def encode_batch(texts: list[str]) -> list[list[int]]:
+        if not hasattr(tokenizer, "enable_truncation"):  # e.g. synthetic.WordTokenizer
+            return [list(encoding.ids)[:limit] for encoding in tokenizer.encode_batch(texts)]
         saved = tokenizer.truncation
         tokenizer.enable_truncation(limit)
         try:
