@@ -14,6 +14,9 @@ COMMANDS = {
     "demo": ("atlas_jax.demo", "end-to-end smoke run over embedded Beancount entries"),
     "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
     "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
+    "train": ("atlas_jax.train_commands", "joint retriever-reader training (t5x-style gin flags)"),
+    "eval": ("atlas_jax.train_commands", "evaluate a run's latest checkpoint on its eval split"),
+    "infer": ("atlas_jax.train_commands", "predictions of a run's latest checkpoint"),
 }
 
 
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text, description=help_text)
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(command)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "takes_gin_flags", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.gin_flags = extra
     return args.run(args)
 
 
