@@ -293,8 +293,22 @@ def initial_recall(config: retriever_lib.RetrieverConfig, params: dict,
 
 
 @gin.configurable
+def build_synthetic_retriever(synthetic_dir: str = gin.REQUIRED, seed: int = 0, dim: int = 32,
+                              layers: int = 1, heads: int = 2, shared_towers: bool = True
+                              ) -> Any:
+    """`synthetic_retriever` over the folder's word tokenizer, as a `weights.Retriever` (the
+    trainer's `TrainConfig.retriever_builder` in gin/runs/synthetic.gin)."""
+    from atlas_jax import weights
+    config, params, tokenizer = synthetic_retriever(synthetic_dir, seed=seed, dim=dim,
+                                                    layers=layers, heads=heads,
+                                                    shared_towers=shared_towers)
+    return weights.Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer)
+
+
+@gin.configurable
 def register_synthetic_tasks(synthetic_dir: str | None = None, seed: int = 0,
-                             generate: bool = True, spiece_vocab_size: int = 256,
+                             generate: bool = True, num_facts: int = 200,
+                             num_distractors: int = 200, num_dev: int = 50, spiece_vocab_size: int = 256,
                              vocabulary: seqio.Vocabulary | None = None,
                              task_name: str = "synthetic_qa") -> list[str]:
     """Registers `synthetic_qa` (splits train, validation; features also carry gold_ids)
@@ -303,7 +317,8 @@ def register_synthetic_tasks(synthetic_dir: str | None = None, seed: int = 0,
 
     Args:
       synthetic_dir: the folder (gin macro `SYNTHETIC_DIR`); None registers nothing.
-      seed: generation seed; a folder generated with another seed is an error.
+      seed: generation seed; a folder generated with another seed (or sizes) is an error.
+      num_facts, num_distractors, num_dev: sizes, as `generate_synthetic` takes them.
       generate: generate what is missing (else a missing folder is an error).
       spiece_vocab_size: reader SentencePiece size when it is trained here.
       vocabulary: reader vocabulary (default: the folder's `spiece.model`).
@@ -314,7 +329,7 @@ def register_synthetic_tasks(synthetic_dir: str | None = None, seed: int = 0,
 
     Raises:
       FileNotFoundError: `generate` is off and the folder is missing.
-      ValueError: the folder holds another seed (never overwritten: seqio caches a
+      ValueError: the folder holds another seed or sizes (never overwritten: seqio caches a
       vocabulary by file path, so a rewritten `spiece.model` would go unnoticed).
     """
     if synthetic_dir is None:
@@ -322,13 +337,16 @@ def register_synthetic_tasks(synthetic_dir: str | None = None, seed: int = 0,
     folder = Path(synthetic_dir)
     manifest = folder / MANIFEST_FILE
     if manifest.is_file():
-        found_seed = json.loads(manifest.read_text())["arguments"]["seed"]
-        if found_seed != seed:
-            raise ValueError(f"{manifest}: generated with seed {found_seed}, asked for seed "
-                             f"{seed} (gin: register_synthetic_tasks.seed); use another "
-                             "SYNTHETIC_DIR")
+        found = json.loads(manifest.read_text())["arguments"]
+        asked = {"seed": seed, "num_facts": num_facts, "num_distractors": num_distractors,
+                 "num_dev": num_dev}
+        if {key: found.get(key) for key in asked} != asked:
+            raise ValueError(f"{manifest}: generated with "
+                             f"{ {key: found.get(key) for key in asked} }, asked for {asked} "
+                             "(gin: register_synthetic_tasks.*); use another SYNTHETIC_DIR")
     elif generate:
-        generate_synthetic(folder, seed=seed)
+        generate_synthetic(folder, seed=seed, num_facts=num_facts,
+                           num_distractors=num_distractors, num_dev=num_dev)
     else:
         raise FileNotFoundError(f"{manifest}: not found (gin: register_synthetic_tasks."
                                 f"synthetic_dir = {str(synthetic_dir)!r}); set generate=True")
