@@ -1,10 +1,18 @@
 """gin/runs/*.gin parse with the t5x macros bound and configure what their comments say."""
 from __future__ import annotations
 
+import gin
 import pytest
 
 from atlas_jax import gin_config, objectives, optimization, trainer
 from atlas_jax.index import passage_index
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    """Leave no bindings behind for later test files."""
+    yield
+    gin.clear_config(clear_constants=True)
 
 MACROS = ["MODEL_DIR = '/tmp/run'", "READER_SPM = '/tmp/spiece.model'",
           "PASSAGES_FILE = '/tmp/passages.jsonl'", "QA_TRAIN_FILE = '/tmp/train.jsonl'"]

@@ -9,10 +9,18 @@ import os
 import subprocess
 import sys
 
+import gin
 import pytest
 
 import atlas_jax_tasks
 from atlas_jax import gin_config, trainer
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    """Leave no bindings behind for later test files."""
+    yield
+    gin.clear_config(clear_constants=True)
 
 MESH = "partitioning.create_mesh.shape = (4, 2)"
 KS = ("1", "5", "20")

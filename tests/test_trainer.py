@@ -8,11 +8,19 @@ import json
 
 import jax
 import numpy as np
+import gin
 import pytest
 
 import atlas_jax_tasks
 from atlas_jax import checkpoints, gin_config, trainer
 from atlas_jax.train_data import batch_rows
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    """Leave no bindings behind for later test files."""
+    yield
+    gin.clear_config(clear_constants=True)
 
 MESH = "partitioning.create_mesh.shape = (4, 2)"
 # Short runs: a refresh every 2 steps and a checkpoint every 3 exercise the index reload.
