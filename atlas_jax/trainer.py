@@ -136,6 +136,7 @@ class Run:
     batcher: RetrievalBatcher
     store: passages_lib.PassageStore | None
     schedule: refresh_lib.RefreshSchedule
+    compiled: dict = dataclasses.field(default_factory=dict)  # jit functions, built once
 
     @property
     def retriever_key(self) -> str:
@@ -266,7 +267,14 @@ def init_opt_state(run: Run, params: dict) -> Any:
 
 
 def make_embed_fn(run: Run, tower: str) -> Callable:
-    """(params, ids, mask) -> (B, D) numpy, jit on the mesh, batch over 'data'."""
+    """(params, ids, mask) -> (B, D) numpy, jit on the mesh, batch over 'data' (one per run
+    and tower)."""
+    if ("embed", tower) not in run.compiled:
+        run.compiled["embed", tower] = _make_embed_fn(run, tower)
+    return run.compiled["embed", tower]
+
+
+def _make_embed_fn(run: Run, tower: str) -> Callable:
     model = run.models.retriever
     method = model.embed_queries if tower == "query" else model.embed_passages
     sharding = NamedSharding(run.mesh, PartitionSpec("data", None))
@@ -290,7 +298,14 @@ def make_embed_fn(run: Run, tower: str) -> Callable:
 
 
 def make_generate_fn(run: Run, max_length: int) -> Callable:
-    """(reader params, reader ids (B, K, L)) -> greedy tokens (B, max_length) numpy."""
+    """(reader params, reader ids (B, K, L)) -> greedy tokens (B, max_length) numpy (one per
+    run and length)."""
+    if ("generate", max_length) not in run.compiled:
+        run.compiled["generate", max_length] = _make_generate_fn(run, max_length)
+    return run.compiled["generate", max_length]
+
+
+def _make_generate_fn(run: Run, max_length: int) -> Callable:
     model = run.models.reader
 
     @jax.jit
@@ -322,19 +337,17 @@ def _round_to_saved(embeddings: np.ndarray, dtype: str) -> np.ndarray:
 def build_index(run: Run, params: dict, step: int, previous: Any = None
                 ) -> passage_index_lib.PassageIndex:
     """An index over the run's corpus embedded with the current passage tower."""
-    passage_params = run.passage_params(params)
-    if previous is not None:
-        fresh = previous.reembed(run.retriever, params=passage_params, mesh=run.mesh,
-                                 retriever_step=step)
-    else:
-        fresh = passage_index_lib.PassageIndex.build(
-            run.store, run.retriever, backend=run.index_config.backend, mesh=run.mesh,
-            params=passage_params, progress=False, retriever_step=step)
-    embeddings = _round_to_saved(np.asarray(fresh.embeddings, np.float32),
-                                 run.index_config.save_dtype)
+    from atlas_jax.index import embedding
+    tokens = (previous.tokens if previous is not None and previous.tokens is not None
+              else passage_index_lib.tokenize_store(run.store, run.retriever))
+    embedded = embedding.embed_corpus(run.retriever, tokens.token_ids, tokens.lengths,
+                                      mesh=run.mesh, params=run.passage_params(params),
+                                      progress=False).embeddings
+    # One backend per refresh, built from the rows rounded as they will be saved.
     index = passage_index_lib.PassageIndex.from_embeddings(
-        fresh.store, embeddings, fresh.backend.name, run.mesh, fresh.backend.config,
-        retriever_step=step, tokens=fresh.tokens)
+        run.store, _round_to_saved(np.asarray(embedded, np.float32),
+                                   run.index_config.save_dtype),
+        run.index_config.backend, run.mesh, retriever_step=step, tokens=tokens)
     run.batcher.retriever_tokens = index.tokens
     run.batcher.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
     return index
