@@ -1,0 +1,370 @@
+"""`atlas-jax plan`: memory, parameters, FLOPs and index shard size of a configuration's real
+train step, compiled ahead of time for a simulated mesh (DESIGN.md §5, §6).
+
+    atlas-jax plan --gin_file=models/xxl.gin --gin_file=runs/finetune.gin --mesh 64x4 \
+        --passages 32000000 --dtype bfloat16 --json plan.json
+
+The step is the trainer's (`trainer.make_train_step`: joint loss, gradients, clipped AdamW,
+donated parameters and optimizer state) for the run's batch size, `n_context`,
+`retriever_n_context` and TASK_FEATURE_LENGTHS, with the gin reader (`t5.T5Config`) and
+retriever (`retriever.RetrieverConfig`) and the gin partitioning (PARTITIONING_RULES; the
+model axis comes from `--mesh`, not NUM_PARTITIONS). Nothing is allocated: parameters,
+optimizer state and batch are `jax.ShapeDtypeStruct`s with their shardings, lowered and
+compiled by XLA's CPU backend on DATAxMODEL simulated host devices (the process re-executes
+itself with that many devices when JAX already started with fewer). Numbers are per device:
+the compiled program is the SPMD-partitioned one every device runs.
+
+Retriever passages are `--passage_length` tokens (default min(TASK_FEATURE_LENGTHS inputs,
+RetrieverConfig.max_length), as Atlas truncates them). The index shard is the passage
+embeddings split by rows over every device (index/device.py): ceil(passages / devices) x
+hidden_size x bytes of `--dtype`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+INDEX_DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
+# Run gins mark these %gin.REQUIRED; a plan reads no data, so placeholders stand in for them
+# (a --gin. flag from the command line still wins).
+PLACEHOLDERS = ["MODEL_DIR = '/nonexistent/atlas-jax-plan'",
+                "PASSAGES_FILE = '/nonexistent/atlas-jax-plan/passages.jsonl'"]
+
+
+class PlanError(ValueError):
+    """A configuration or mesh that cannot be planned; the message says why."""
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'DATAxMODEL' (e.g. '64x4') -> (64, 4)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise PlanError(f"--mesh {text!r}: give DATAxMODEL with positive integers, e.g. 8x1 or "
+                        "64x4 (data-parallel size x model-parallel size)")
+    return int(match[1]), int(match[2])
+
+
+# ----------------------------------------------------------------------------- the step
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """The shapes one train step sees."""
+    batch_size: int
+    n_context: int            # passages the reader reads
+    retrieved: int            # passages the retriever scores (retriever_n_context)
+    reader_length: int        # tokens per reader passage
+    target_length: int
+    query_length: int
+    passage_length: int       # retriever tokens per passage
+
+
+def step_shapes(config: Any, retriever_config: Any, passage_length: int | None = None
+                ) -> StepShapes:
+    reader_length = int(config.feature_lengths["inputs"])
+    closed_book = config.closed_book
+    return StepShapes(
+        batch_size=config.batch_size, n_context=1 if closed_book else config.n_context,
+        retrieved=1 if closed_book else config.retriever_n_context,
+        reader_length=reader_length, target_length=int(config.feature_lengths["targets"]),
+        query_length=config.query_length,
+        passage_length=passage_length or min(reader_length, retriever_config.max_length))
+
+
+def batch_specs(shapes: StepShapes, closed_book: bool = False,
+                stored_embedding_dim: int | None = None) -> dict[str, tuple]:
+    """name -> (shape, dtype) of a joint-loss batch (joint_loss.py; train_data.assemble);
+    `stored_embedding_dim`: query-side batches carry the index rows of their passages."""
+    b, k = shapes.batch_size, shapes.retrieved
+    specs = {"targets": ((b, shapes.target_length), "int32"),
+             "target_mask": ((b, shapes.target_length), "int32"),
+             "decoder_input_ids": ((b, shapes.target_length), "int32"),
+             "reader_ids": ((b, k, shapes.reader_length), "int32")}
+    if not closed_book:
+        specs.update(query_ids=((b, shapes.query_length), "int32"),
+                     query_mask=((b, shapes.query_length), "int32"),
+                     passage_ids=((b, k, shapes.passage_length), "int32"),
+                     passage_mask=((b, k, shapes.passage_length), "int32"),
+                     passage_valid=((b, k), "bool"))
+        if stored_embedding_dim:
+            specs["passage_embeddings"] = ((b, k, stored_embedding_dim), "float32")
+    return specs
+
+
+def build_step_run(config: Any, mesh: Any, rules: Any, params: dict | None = None) -> Any:
+    """A `trainer.Run` holding what the train step needs (models, objective, optimizer,
+    parameter shardings), from the gin model configs; no data, index or vocabulary.
+
+    params None: abstract parameters (`jax.ShapeDtypeStruct`s carrying their shardings).
+    Otherwise {"reader": ..., "retriever": ...} host trees, placed on the mesh like
+    `trainer.build_run` places them (frozen copies added per the run's settings).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from atlas_jax import joint_loss, objectives, optimization, partitioning, trainer, weights
+    from atlas_jax.index import passage_index as passage_index_lib
+    from atlas_jax.models import fid, retriever as retriever_lib, t5
+    from atlas_jax.index import refresh as refresh_lib
+
+    objective = objectives.ObjectiveConfig()
+    if config.closed_book:
+        objective = dataclasses.replace(objective, objective="none")
+    reader_config, retriever_config = t5.T5Config(), retriever_lib.RetrieverConfig()
+    models = joint_loss.JointModels(fid.FusionInDecoder(reader_config),
+                                    retriever_lib.DualEncoder(retriever_config))
+    train_retriever = objective.objective != "none"
+    retriever_key = "retriever" if train_retriever else "frozen_retriever"
+    if params is None:
+        ones3, ones2 = jnp.ones((1, 1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+        reader_params, _ = partitioning.abstract_params(
+            lambda r: models.reader.init(r, ones3, jnp.ones((1, 2), jnp.int32)))
+        retriever_params, _ = partitioning.abstract_params(
+            lambda r: models.retriever.init(r, ones2, ones2, ones2, ones2))
+    else:
+        reader_params, retriever_params = params["reader"], params["retriever"]
+    tree = {"reader": reader_params, retriever_key: retriever_params}
+    if config.query_side and train_retriever:
+        tree["frozen_passage_tower"] = retriever_params
+    shardings = trainer._param_shardings(tree, models, mesh, rules)
+    if params is None:
+        tree = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+    else:
+        tree = partitioning.shard_params(jax.tree.map(jnp.array, tree), shardings)
+    optimizer_config = optimization.OptimizerConfig()
+    retriever = weights.Retriever(retriever_config, retriever_params)
+    return trainer.Run(
+        config, objective, optimizer_config, passage_index_lib.IndexConfig(), mesh, rules,
+        models, retriever, None, tree, shardings,
+        optimization.make_optimizer(optimizer_config, tree), None, None,
+        refresh_lib.RefreshSchedule.parse("-1", train_retriever=False))
+
+
+def abstract_opt_state(run: Any) -> Any:
+    """The optimizer state as ShapeDtypeStructs with the shardings `init_opt_state` gives."""
+    import jax
+
+    from atlas_jax import partitioning
+    state = jax.eval_shape(run.optimizer.init, run.params)
+    shardings = partitioning.optimizer_state_shardings(state, run.param_shardings, run.mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+
+
+def check_divides(shapes: StepShapes, mesh_shape: tuple[int, int], reader_config: Any,
+                  retriever_config: Any) -> None:
+    """Clear errors for a mesh the batch or the attention heads do not divide."""
+    data, model = mesh_shape
+    if shapes.batch_size % data:
+        raise PlanError(f"TrainConfig.batch_size = {shapes.batch_size} is not a multiple of "
+                        f"the mesh's data axis ({data}); pick a mesh DATAxMODEL with DATA "
+                        f"dividing {shapes.batch_size}, or bind another batch size")
+    if model > 1:
+        for name, heads in (("t5.T5Config.num_heads", reader_config.num_heads),
+                            ("retriever.RetrieverConfig.num_heads", retriever_config.num_heads)):
+            if heads % model:
+                raise PlanError(f"{name} = {heads} is not divisible by the mesh's model axis "
+                                f"({model}); pick MODEL dividing {heads}")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def _tree_size(tree: Any) -> int:
+    import jax
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _tree_bytes(tree: Any) -> int:
+    import jax
+    import numpy as np
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfloat16",
+         passage_length: int | None = None) -> dict[str, Any]:
+    """Compiles the gin-configured train step for `mesh_shape` and returns its numbers.
+
+    Gin must be parsed; JAX must have at least data x model (CPU) devices.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from atlas_jax import partitioning, trainer
+    from atlas_jax.models import retriever as retriever_lib, t5
+
+    data, model = mesh_shape
+    devices = data * model
+    if index_dtype not in INDEX_DTYPE_BYTES:
+        raise PlanError(f"--dtype {index_dtype!r}: the index stores one of "
+                        f"{', '.join(INDEX_DTYPE_BYTES)}")
+    if passages < 0:
+        raise PlanError(f"--passages {passages}: must be >= 0")
+    config = trainer.TrainConfig()
+    reader_config, retriever_config = t5.T5Config(), retriever_lib.RetrieverConfig()
+    rules = partitioning.logical_axis_rules()
+    shapes = step_shapes(config, retriever_config, passage_length)
+    check_divides(shapes, mesh_shape, reader_config, retriever_config)
+    mesh = partitioning.create_mesh(mesh_shape, jax.devices()[:devices])
+    partitioning.check_rules_fit_mesh(rules, mesh)
+    run = build_step_run(config, mesh, rules)
+    opt_state = abstract_opt_state(run)
+    batch = {name: jax.ShapeDtypeStruct(shape, dtype,
+                                        sharding=partitioning.batch_sharding(mesh, len(shape)))
+             for name, (shape, dtype) in batch_specs(
+                 shapes, config.closed_book, retriever_config.hidden_size
+                 if "frozen_passage_tower" in run.params else None).items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    loss_scale = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+    step = trainer.make_train_step(run, opt_state)
+    compiled = step.lower(run.params, opt_state, batch, rng, loss_scale).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    argument, output = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
+    alias, temp = int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes)
+    flops = float(cost.get("flops", 0.0))
+    rows = -(-passages // devices)
+    dim = retriever_config.hidden_size
+    trained_retriever = run.params.get("retriever", {})
+    frozen = {k: v for k, v in run.params.items() if k.startswith("frozen")}
+    return {
+        "mesh": {"data": data, "model": model, "devices": devices},
+        "partitioning": partitioning.rules_name(rules),
+        "reader": {"emb_dim": reader_config.emb_dim, "num_heads": reader_config.num_heads,
+                   "layers": [reader_config.num_encoder_layers,
+                              reader_config.num_decoder_layers],
+                   "mlp_dim": reader_config.mlp_dim, "dtype": reader_config.dtype,
+                   "remat": reader_config.remat},
+        "step": dataclasses.asdict(shapes),
+        "params": {"reader": _tree_size(run.params["reader"]),
+                   "retriever": _tree_size(trained_retriever),
+                   "frozen": _tree_size(frozen),
+                   "bytes": _tree_bytes(run.params)},
+        "memory_per_device": {"arguments": argument, "outputs": output, "aliased": alias,
+                              "temporaries": temp,
+                              "peak_estimate": argument + output - alias + temp},
+        "flops_per_device": flops,
+        "flops_per_step": flops * devices,
+        "index": {"passages": passages, "dim": dim, "dtype": index_dtype,
+                  "rows_per_device": rows,
+                  "bytes_per_device": int(math.ceil(rows * dim * INDEX_DTYPE_BYTES[index_dtype]))},
+    }
+
+
+def _gib(value: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The plan as an aligned two-column table."""
+    mesh, params, memory, index = (result["mesh"], result["params"],
+                                   result["memory_per_device"], result["index"])
+    step = result["step"]
+    rows = [
+        ("mesh (data x model)", f"{mesh['data']} x {mesh['model']} = {mesh['devices']} devices"),
+        ("partitioning", result["partitioning"]),
+        ("step", f"batch {step['batch_size']}, reader {step['n_context']} x "
+                 f"{step['reader_length']} tokens, retriever {step['retrieved']} x "
+                 f"{step['passage_length']}, targets {step['target_length']}"),
+        ("params reader", f"{params['reader']:,}"),
+        ("params retriever", f"{params['retriever']:,}"
+                             + (f" (+ {params['frozen']:,} frozen)" if params["frozen"] else "")),
+        ("memory/device arguments", _gib(memory["arguments"])),
+        ("memory/device outputs", _gib(memory["outputs"])
+                                  + f" ({_gib(memory['aliased'])} aliased to arguments)"),
+        ("memory/device temporaries", _gib(memory["temporaries"])),
+        ("memory/device peak estimate", _gib(memory["peak_estimate"])),
+        ("FLOPs/step per device", f"{result['flops_per_device']:.3e}"),
+        ("FLOPs/step all devices", f"{result['flops_per_step']:.3e}"),
+        ("index shard/device", f"{_gib(index['bytes_per_device'])} ({index['rows_per_device']:,}"
+                               f" rows x {index['dim']} x {index['dtype']}; "
+                               f"{index['passages']:,} passages)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", required=True, help="DATAxMODEL, e.g. 64x4")
+    parser.add_argument("--passages", type=int, default=0,
+                        help="passages in the index (for the index shard size)")
+    parser.add_argument("--dtype", default="bfloat16", help="index storage: "
+                        + ", ".join(INDEX_DTYPE_BYTES))
+    parser.add_argument("--passage_length", type=int, default=None,
+                        help="retriever tokens per passage (default min(inputs length, "
+                             "RetrieverConfig.max_length))")
+    parser.add_argument("--json", default=None, help="also write the plan as JSON here")
+    parser.epilog = ("flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE, "
+                     "--gin_search_paths=DIR,...")
+    parser.set_defaults(run=run, takes_gin_flags=True, gin_flags=[])
+
+
+def _jax_devices_ready(count: int) -> bool:
+    """Makes `count` CPU devices available in this process if JAX has not started; False
+    when it already runs with fewer (the caller re-executes)."""
+    import jax
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        return jax.default_backend() == "cpu" and jax.device_count() >= count
+    flags = os.environ.get("XLA_FLAGS", "")
+    asked = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    count = max([count] + [int(n) for n in asked])  # never fewer than the environment asks
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={count}").strip()
+    jax.config.update("jax_platforms", "cpu")
+    return jax.device_count() >= count
+
+
+def _reexecute(args: argparse.Namespace, devices: int) -> int:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        flags + f" --xla_force_host_platform_device_count={devices}").strip())
+    argv = [sys.executable, "-m", "atlas_jax.cli", "plan", f"--mesh={args.mesh}",
+            f"--passages={args.passages}", f"--dtype={args.dtype}", *args.gin_flags]
+    if args.passage_length:
+        argv.append(f"--passage_length={args.passage_length}")
+    if args.json:
+        argv.append(f"--json={args.json}")
+    return subprocess.call(argv, env=env)
+
+
+def run(args: argparse.Namespace) -> int:
+    from atlas_jax import gin_config
+    from atlas_jax.train_commands import _gin_arguments
+    try:
+        data, model = parse_mesh(args.mesh)
+        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        if not files:
+            raise PlanError("give at least one --gin_file (e.g. --gin_file=models/base.gin "
+                            "--gin_file=runs/finetune.gin)")
+        if not _jax_devices_ready(data * model):
+            return _reexecute(args, data * model)
+        gin_config.parse(files, PLACEHOLDERS + bindings, paths)
+        result = plan((data, model), args.passages, args.dtype, args.passage_length)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # gin appends "In call to configurable ..." lines; the first line says it all.
+        print(f"atlas-jax plan: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
