@@ -95,12 +95,14 @@ def _check_fits(saved: Any, target: Any, path: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (append) + TensorBoard events under `run_dir`/tensorboard."""
+    """metrics.jsonl (append) + TensorBoard events under `run_dir`/tensorboard; in a
+    multi-process run only process 0 writes (every process gets the records back)."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
-        if tensorboard:
+        self.primary = jax.process_index() == 0
+        if tensorboard and self.primary:
             from flax.metrics import tensorboard as tb
             self.writer = tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
@@ -109,6 +111,8 @@ class MetricsLog:
         for key, value in metrics.items():
             value = float(value) if not isinstance(value, (str, dict, list)) else value
             record[key] = value
+        if not self.primary:
+            return record
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
         if self.writer is not None:
@@ -125,6 +129,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drops records after `step` (a resumed run rewrites them)."""
+        if not self.primary:
+            return
         kept = [r for r in self.read() if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 

@@ -19,7 +19,9 @@ retriever's scores s_k = q . p_k / sqrt(D) over the K passages train towards the
 gold signal (objectives.py): PDist / EMDR2 from the reader on each passage alone, LOOP from
 the reader on all passages but one, ADist from the main pass's cross-attention. Gold signals
 never carry gradient (the reader learns only from its own loss). With `frozen_passage_params`
-(query-side training) the passage embeddings come from that frozen tower, without gradient.
+(query-side training) the passage embeddings come from that frozen tower, without gradient,
+or, when the batch carries `passage_embeddings` (B, K, D) (the index's rows of the retrieved
+passages, which that same frozen tower embedded), from the batch: no passage is re-encoded.
 
 This module is the step's math only; the trainer jits it on the mesh with the optimizer.
 """
@@ -124,13 +126,17 @@ def joint_loss(params: dict, batch: dict, models: JointModels,
             rngs={"dropout": retriever_rng}, method=method)
         queries = tower(params["retriever"], models.retriever.embed_queries,
                         batch["query_ids"], batch["query_mask"])          # (B, D)
-        flat_ids = batch["passage_ids"].reshape(batch_size * n_passages, passage_length)
-        flat_mask = batch["passage_mask"].reshape(batch_size * n_passages, passage_length)
-        passage_params = (params["retriever"] if frozen_passage_params is None
-                          else jax.lax.stop_gradient(frozen_passage_params))
-        passages = tower(passage_params, models.retriever.embed_passages, flat_ids, flat_mask)
-        scores = objectives.retriever_scores(queries, passages.reshape(batch_size, n_passages,
-                                                                       -1))  # (B, K)
+        if frozen_passage_params is not None and "passage_embeddings" in batch:
+            # Query-side: the frozen tower's embeddings are the index's rows already.
+            passages = jnp.asarray(batch["passage_embeddings"], jnp.float32)
+        else:
+            flat_ids = batch["passage_ids"].reshape(batch_size * n_passages, passage_length)
+            flat_mask = batch["passage_mask"].reshape(batch_size * n_passages, passage_length)
+            passage_params = (params["retriever"] if frozen_passage_params is None
+                              else jax.lax.stop_gradient(frozen_passage_params))
+            passages = tower(passage_params, models.retriever.embed_passages, flat_ids,
+                             flat_mask).reshape(batch_size, n_passages, -1)
+        scores = objectives.retriever_scores(queries, passages)  # (B, K)
         valid = batch["passage_valid"]
         cross_attention = None
         if objective.objective == "adist":

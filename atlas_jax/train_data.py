@@ -29,6 +29,9 @@ from atlas_jax.index import passages as passages_lib
 
 EOS_ID, PAD_ID = 1, 0
 EmbedFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (question texts, passage store) -> one list of `--where` filters per question, parsed from
+# the text (e.g. `atlas_jax_tasks.ledger_query.store_filter_parser`).
+QueryFilterFn = Callable[[Sequence[str], passages_lib.PassageStore], list[list[str]]]
 
 
 def _as_text(value: Any) -> str:
@@ -155,9 +158,16 @@ class RetrievalSettings:
     query_length: int = 64            # retriever query tokens (fixed shape)
     reader_length: int = 256          # reader tokens per passage (TASK_FEATURE_LENGTHS inputs)
     closed_book: bool = False         # no retrieval: the reader reads the question alone
-    use_filters: bool = True          # apply each example's metadata filters
+    use_filters: bool = True          # apply metadata filters (the example's or parsed ones)
+    filter_mode: str = "strict"       # strict: only passages that satisfy them; prefer: those
+                                      # first, then the best others (hard negatives)
+    hybrid: bool = False              # BM25 fused with dense (IndexConfig.hybrid)
+    exclude_source: bool = True       # drop a pretraining example's own passage
+    stored_passage_embeddings: bool = False  # query-side: the batch carries the index's rows
 
     def __post_init__(self):
+        if self.filter_mode not in ("strict", "prefer"):
+            raise ValueError(f"filter_mode = {self.filter_mode!r}: use 'strict' or 'prefer'")
         if self.closed_book:
             return
         if not 0 < self.n_context <= self.retriever_n_context:
@@ -173,11 +183,16 @@ class RetrievalBatcher:
 
     def __init__(self, settings: RetrievalSettings, encode_queries: Callable[[list[str]], list],
                  reader_tokens: passages_lib.TokenArray | None,
-                 retriever_tokens: passages_lib.TokenArray | None):
+                 retriever_tokens: passages_lib.TokenArray | None,
+                 query_filters: QueryFilterFn | None = None, hybrid_config: Any = None):
         self.settings = settings
         self.encode_queries = encode_queries
         self.reader_tokens = reader_tokens
         self.retriever_tokens = retriever_tokens
+        self.query_filters = query_filters
+        self.hybrid_config = hybrid_config
+        self._parsed: dict[str, list[str]] = {}
+        self.cache_queries: dict[str, np.ndarray] | None = None
         if retriever_tokens is not None:
             self.passage_width = max(int(np.max(retriever_tokens.lengths, initial=1)), 1)
 
@@ -219,19 +234,52 @@ class RetrievalBatcher:
                 out[b, k, len(tokens)] = EOS_ID
         return out
 
+    def embed_query_texts(self, texts: Sequence[str], embed_queries: EmbedFn) -> np.ndarray:
+        """(B, D) query embeddings; with `cache_queries` (a frozen retriever: its embeddings
+        never change) each distinct text is embedded once per batcher."""
+        if self.cache_queries is None:
+            return embed_queries(*self.query_tokens(texts))
+        missing = sorted({t for t in texts if t not in self.cache_queries})
+        if missing:
+            # Padded to the batch's size: one jit shape, not one per count of new texts.
+            padded = missing + [missing[0]] * (-len(missing) % max(len(texts), 1))
+            embedded = embed_queries(*self.query_tokens(padded))
+            self.cache_queries.update(zip(missing, embedded[:len(missing)]))
+        return np.stack([self.cache_queries[t] for t in texts])
+
+    def filters_for(self, examples: Examples, rows: np.ndarray, store: Any) -> list[list[str]]:
+        """Each row's filters: parsed from its query text when the batcher has a
+        `query_filters` parser (cached per text), else the example's own `filters`."""
+        if self.query_filters is None:
+            return [examples.filters[r] for r in rows]
+        texts = [examples.queries[r] for r in rows]
+        missing = sorted({t for t in texts if t not in self._parsed})
+        if missing:
+            self._parsed.update(zip(missing, self.query_filters(missing, store)))
+        return [list(self._parsed[t]) for t in texts]
+
     def retrieve(self, index: Any, queries: np.ndarray, examples: Examples, rows: np.ndarray,
                  embed_passages: EmbedFn | None = None) -> np.ndarray:
         """(B, retriever_n_context) dense passage ids, -1 where fewer were allowed."""
         s = self.settings
         k = s.retriever_n_context
         sources = [examples.source_passages[r] for r in rows]
-        exclude = any(src is not None for src in sources)
+        exclude = s.exclude_source and any(src is not None for src in sources)
         search_k = max(k, s.rerank_n) + (1 if exclude else 0)
+        texts = [examples.queries[r] for r in rows]
+
+        def search(where):
+            return np.asarray(index.search(queries, search_k, where=where, query_texts=texts,
+                                           hybrid=s.hybrid,
+                                           hybrid_config=self.hybrid_config).ids)
         where = None
-        if s.use_filters and any(examples.filters[r] for r in rows):
-            where = np.stack([index.filter_mask(examples.filters[r]) if examples.filters[r]
-                              else np.ones(len(index.store), bool) for r in rows])
-        found = np.asarray(index.search(queries, search_k, where=where).ids)
+        filters = self.filters_for(examples, rows, index.store) if s.use_filters else []
+        if any(filters):
+            where = np.stack([index.filter_mask(f) if f else np.ones(len(index.store), bool)
+                              for f in filters])
+        found = search(where)
+        if where is not None and s.filter_mode == "prefer":
+            found = _fill(found, search(None), search_k)
         if exclude:
             source_rows = np.array([index.store.index_of([src])[0] if src is not None else -3
                                     for src in sources])
@@ -253,23 +301,46 @@ class RetrievalBatcher:
         return np.take_along_axis(found, order, axis=1)
 
     def assemble(self, examples: Examples, rows: np.ndarray, index: Any,
-                 embed_queries: EmbedFn | None, embed_passages: EmbedFn | None = None
+                 embed_queries: EmbedFn | None, embed_passages: EmbedFn | None = None,
+                 keep: np.ndarray | None = None
                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The joint-loss batch of `rows` (see `joint_loss`) and the retrieved dense ids
-        (B, retriever_n_context) (None in closed-book mode)."""
-        prompts = [examples.prompts[r] for r in rows]
-        targets = examples.targets[rows]
+        (B, retriever_n_context) (None in closed-book mode). `keep`: positions in `rows` to
+        build the batch of (a host's share of a global batch,
+        `distributed.local_batch_positions`); every row's query is still embedded and
+        searched (both run on the whole mesh), the tensors and ids are the kept rows'."""
+        local = rows if keep is None else rows[keep]
+        prompts = [examples.prompts[r] for r in local]
+        targets = examples.targets[local]
         batch = {"targets": targets, "target_mask": (targets != PAD_ID).astype(np.int32),
                  "decoder_input_ids": np.concatenate(
-                     [np.zeros((len(rows), 1), np.int32), targets[:, :-1]], axis=1)}
+                     [np.zeros((len(local), 1), np.int32), targets[:, :-1]], axis=1)}
         if self.settings.closed_book:
             batch["reader_ids"] = self.reader_inputs(prompts, None)
             return batch, None
+        queries = self.embed_query_texts([examples.queries[r] for r in rows], embed_queries)
         query_ids, query_mask = self.query_tokens([examples.queries[r] for r in rows])
-        queries = embed_queries(query_ids, query_mask)
         found = self.retrieve(index, queries, examples, rows, embed_passages)
+        if keep is not None:
+            query_ids, query_mask, found = query_ids[keep], query_mask[keep], found[keep]
         passage_ids, passage_mask = self.passage_tokens(found)
         batch.update(query_ids=query_ids, query_mask=query_mask, passage_ids=passage_ids,
                      passage_mask=passage_mask, passage_valid=found >= 0,
                      reader_ids=self.reader_inputs(prompts, found))
+        if self.settings.stored_passage_embeddings:
+            rows_ = np.asarray(index.embeddings[np.maximum(found, 0).reshape(-1)], np.float32)
+            batch["passage_embeddings"] = np.where(
+                (found >= 0).reshape(-1, 1), rows_, 0.0).reshape(found.shape + (-1,))
         return batch, found
+
+
+def _fill(first: np.ndarray, rest: np.ndarray, k: int) -> np.ndarray:
+    """Per row: the valid ids of `first` in order, then those of `rest` not already there,
+    up to k (-1 padded)."""
+    out = np.full((len(first), k), -1, first.dtype)
+    for row, (a, b) in enumerate(zip(first, rest)):
+        seen = [int(i) for i in a if i >= 0]
+        taken = set(seen)
+        seen += [int(i) for i in b if i >= 0 and int(i) not in taken]
+        out[row, :min(k, len(seen))] = seen[:k]
+    return out

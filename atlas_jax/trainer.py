@@ -5,7 +5,7 @@ checkpoint (DESIGN.md §1, §3).
         --gin.MODEL_DIR="'/tmp/run'"
 
 `train()` reads everything from gin (`TrainConfig`, `ObjectiveConfig`, `OptimizerConfig`,
-`IndexConfig`, the model configs, `create_mesh`, `standard_logical_axis_rules`). Per step:
+`IndexConfig`, the model configs, `create_mesh`, `logical_axis_rules`). Per step:
 
   1. if the refresh schedule says so, re-embed the corpus with the current passage tower and
      swap the index (timed separately, saved under `MODEL_DIR/index/step_N`);
@@ -42,7 +42,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from atlas_jax import checkpoints as checkpoints_lib
+from atlas_jax import distributed
 from atlas_jax import evaluation, joint_loss, objectives, optimization, partitioning, weights
+from atlas_jax.index import hybrid as hybrid_lib
 from atlas_jax.index import passage_index as passage_index_lib
 from atlas_jax.index import passages as passages_lib
 from atlas_jax.index import refresh as refresh_lib
@@ -82,6 +84,9 @@ class TrainConfig:
     query_side: bool = False
     closed_book: bool = False
     use_filters: bool = True
+    filter_mode: str = "strict"               # or "prefer": filtered passages first, then others
+    exclude_source: bool = True               # pretraining: never retrieve the source passage
+    query_filters: Any = None                 # (texts, store) -> filters parsed from the text
     reader_builder: Callable[[], weights.Reader] | None = None
     retriever_builder: Callable[[], weights.Retriever] | None = None
     nan_steps: tuple[int, ...] = ()           # testing: make the loss NaN at these steps
@@ -115,7 +120,8 @@ class TrainConfig:
             n_context=self.n_context, retriever_n_context=self.retriever_n_context,
             rerank_n=self.rerank_n, query_length=self.query_length,
             reader_length=int(self.feature_lengths["inputs"]), closed_book=self.closed_book,
-            use_filters=self.use_filters)
+            use_filters=self.use_filters, filter_mode=self.filter_mode,
+            exclude_source=self.exclude_source)
 
 
 @dataclasses.dataclass
@@ -171,7 +177,8 @@ def build_run(config: TrainConfig | None = None) -> Run:
     optimizer_config = optimization.OptimizerConfig()
     index_config = passage_index_lib.IndexConfig()
     mesh = partitioning.create_mesh()
-    rules = tuple(partitioning.standard_logical_axis_rules())
+    rules = partitioning.logical_axis_rules()
+    partitioning.check_rules_fit_mesh(rules, mesh)
     if config.batch_size % mesh.shape["data"]:
         raise ValueError(f"TrainConfig.batch_size = {config.batch_size} must be a multiple of "
                          f"the mesh's data axis ({mesh.shape['data']})")
@@ -199,7 +206,15 @@ def build_run(config: TrainConfig | None = None) -> Run:
                                                         mesh=mesh).store
         else:
             store = passages_lib.PassageStore.from_jsonl(config.passages_file)
-    batcher = RetrievalBatcher(config.settings(), _query_encoder(retriever), None, None)
+    settings = dataclasses.replace(
+        config.settings(), hybrid=index_config.hybrid,
+        stored_passage_embeddings=bool(config.query_side and train_retriever))
+    batcher = RetrievalBatcher(settings, _query_encoder(retriever), None, None,
+                               query_filters=config.query_filters,
+                               hybrid_config=hybrid_lib.HybridConfig()
+                               if index_config.hybrid else None)
+    if not train_retriever:
+        batcher.cache_queries = {}  # a frozen query tower: embed each distinct text once
     if store is not None:
         batcher.reader_tokens = reader_token_table(store, vocabulary,
                                                    int(config.feature_lengths["inputs"]))
@@ -223,10 +238,6 @@ def _param_shardings(params: dict, models: joint_loss.JointModels, mesh, rules) 
 
 
 # ----------------------------------------------------------------------------- jit functions
-
-def _batch_shardings(mesh, batch: dict) -> dict:
-    return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-
 
 def _step_fn(run: Run) -> Callable:
     models, objective, optimizer = run.models, run.objective, run.optimizer
@@ -257,13 +268,21 @@ def make_train_step(run: Run, opt_state: Any) -> Callable:
     def call(params, opt_state, batch, rng, loss_scale):
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
             return jitted(params, opt_state, batch, rng, loss_scale)
+
+    def lower(params, opt_state, batch, rng, loss_scale):  # arrays or ShapeDtypeStructs
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+            return jitted.lower(params, opt_state, batch, rng, loss_scale)
+    call.lower = lower  # atlas-jax plan compiles the step ahead of time
     return call
 
 
 def init_opt_state(run: Run, params: dict) -> Any:
-    """Optimizer state laid out like the parameters (moments follow their shardings)."""
+    """Optimizer state laid out like the parameters: AdamW's moments take their parameter's
+    sharding (XLA would otherwise replicate them, zeros having no operand to follow)."""
+    shardings = partitioning.optimizer_state_shardings(
+        jax.eval_shape(run.optimizer.init, params), run.param_shardings, run.mesh)
     with jax.set_mesh(run.mesh):
-        return jax.jit(run.optimizer.init)(params)
+        return jax.jit(run.optimizer.init, out_shardings=shardings)(params)
 
 
 def make_embed_fn(run: Run, tower: str) -> Callable:
@@ -293,7 +312,7 @@ def _make_embed_fn(run: Run, tower: str) -> Callable:
             mask = np.concatenate([mask, np.zeros((pad,) + mask.shape[1:], mask.dtype)])
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
             out = embed(params, jax.device_put(ids, sharding), jax.device_put(mask, sharding))
-        return np.asarray(out, np.float32)[:count]
+        return distributed.host_array(out).astype(np.float32)[:count]
     return call
 
 
@@ -318,7 +337,7 @@ def _make_generate_fn(run: Run, max_length: int) -> Callable:
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
             out = generate(params, jax.device_put(
                 passage_ids, partitioning.batch_sharding(run.mesh, 3)))
-        return np.asarray(out)
+        return distributed.host_array(out)
     return call
 
 
@@ -358,7 +377,10 @@ def index_path(run: Run, step: int) -> Path:
 
 
 def save_index(run: Run, index: Any, step: int) -> None:
-    index.save(index_path(run, step), dtype=run.index_config.save_dtype, include_bm25=False)
+    """Process 0 writes the index (every process holds the same one); the others wait."""
+    if distributed.is_primary():
+        index.save(index_path(run, step), dtype=run.index_config.save_dtype, include_bm25=False)
+    distributed.barrier(f"index step {step}")
 
 
 def load_index(run: Run, step: int) -> Any:
@@ -372,6 +394,8 @@ def load_index(run: Run, step: int) -> Any:
 
 def prune_indexes(run: Run, keep_steps: set[int]) -> None:
     folder = run.config.run_dir / "index"
+    if not distributed.is_primary():
+        return
     for path in folder.glob("step_*") if folder.is_dir() else []:
         if path.is_dir() and int(path.name[5:]) not in keep_steps:
             shutil.rmtree(path, ignore_errors=True)
@@ -414,7 +438,7 @@ def evaluate(run: Run, params: dict, index: Any, examples: Examples, step: int,
         metrics["eval/f1"] = float(np.mean([evaluation.f1(r["prediction"], r["answers"])
                                             for r in answered]))
     if not config.closed_book:
-        ks = [k for k in config.recall_ks if k <= config.retriever_n_context]
+        ks = [k for k in config.recall_ks if k <= run.batcher.settings.retriever_n_context]
         with_gold = [r for r in records if r["gold_ids"]]
         texts = {pid: run.store.retriever_texts(run.store.index_of([pid]))[0]
                  for r in answered for pid in r["retrieved"]}
@@ -426,7 +450,7 @@ def evaluate(run: Run, params: dict, index: Any, examples: Examples, step: int,
                 metrics[f"eval/answer_recall@{k}"] = evaluation.answer_recall_at_k(
                     [[texts[p] for p in r["retrieved"]] for r in answered],
                     [r["answers"] for r in answered], k)
-    if predictions_path is not None:
+    if predictions_path is not None and distributed.is_primary():
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
         with predictions_path.open("w", encoding="utf-8") as f:
             for record in records:
@@ -464,15 +488,19 @@ def _index_step_at(run: Run, step: int) -> int:
     return max(run.schedule.steps(step), default=0)
 
 
-def train(config: TrainConfig | None = None, run: Run | None = None) -> TrainResult:
+def train(config: TrainConfig | None = None, run: Run | None = None,
+          initial_index: Any = None) -> TrainResult:
     """Trains to `TrainConfig.train_steps`, resuming from the latest checkpoint in
-    MODEL_DIR/checkpoints when there is one."""
+    MODEL_DIR/checkpoints when there is one. `initial_index`: the step-0 index of a fresh
+    run, already embedded with this run's initial passage tower (e.g. shared by runs that
+    all start from the same frozen tower), instead of embedding the corpus again."""
     from tqdm import tqdm
     run = run or build_run(config)
     config = run.config
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.gin").write_text(gin.config_str())
+    if distributed.is_primary():
+        (run_dir / "config.gin").write_text(gin.config_str())
     train_examples = load_examples(config.task, config.train_split, config.feature_lengths)
     eval_examples = load_examples(config.task, config.eval_split, config.feature_lengths,
                                   limit=config.eval_limit)
@@ -492,12 +520,22 @@ def train(config: TrainConfig | None = None, run: Run | None = None) -> TrainRes
             index_step = int(meta["index_step"])
             index = load_index(run, index_step)
         log.truncate_after(start)
+    elif initial_index is not None and not config.closed_book:
+        if len(initial_index.store) != len(run.store):
+            raise ValueError(f"initial_index holds {len(initial_index.store)} passages, the "
+                             f"run's corpus {len(run.store)}")
+        index, index_step = initial_index, 0
+        run.batcher.retriever_tokens = index.tokens
+        run.batcher.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
+        save_index(run, index, 0)
     step_fn = make_train_step(run, opt_state)
+    local_positions = distributed.local_batch_positions(run.mesh, config.batch_size)
     embed_queries, embed_passages = make_embed_fn(run, "query"), make_embed_fn(run, "passage")
     base_rng = jax.random.key(config.seed)
     records, evals, window = [], {}, []
     wall_start, retrieval_seconds = time.perf_counter(), 0.0
-    bar = tqdm(total=config.train_steps, initial=start, disable=not config.progress,
+    bar = tqdm(total=config.train_steps, initial=start,
+               disable=not config.progress or not distributed.is_primary(),
                desc="train", unit="step", dynamic_ncols=True)
     step = start
     while True:
@@ -514,20 +552,23 @@ def train(config: TrainConfig | None = None, run: Run | None = None) -> TrainRes
                                run_dir / "predictions" / f"{config.eval_split}_step_{step}.jsonl")
             evals[step] = metrics
             records.append(log.write(step, metrics))
-            bar.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in
-                                                  metrics.items() if k != "eval/examples"))
+            if distributed.is_primary():
+                bar.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in
+                                                      metrics.items() if k != "eval/examples"))
         if last:
             break
         began = time.perf_counter()
         rows = batch_rows(step, config.batch_size, len(train_examples), config.seed)
         retriever_params = params[run.retriever_key]
         passage_params = run.passage_params(params)
+        # This host builds only its rows of the global batch (all of them on one host).
         batch, _ = run.batcher.assemble(
             train_examples, rows, index,
             lambda i, m: embed_queries(retriever_params, i, m),
-            (lambda i, m: embed_passages(passage_params, i, m)) if config.rerank_n else None)
+            (lambda i, m: embed_passages(passage_params, i, m)) if config.rerank_n else None,
+            keep=local_positions)
         retrieval_seconds += time.perf_counter() - began
-        batch = jax.device_put(batch, _batch_shardings(run.mesh, batch))
+        batch = distributed.put_batch(run.mesh, batch, config.batch_size)
         loss_scale = jnp.float32(np.nan if step in config.nan_steps else 1.0)
         params, opt_state, metrics = step_fn(params, opt_state, batch,
                                              jax.random.fold_in(base_rng, step), loss_scale)

@@ -24,6 +24,7 @@ MACROS = ["MODEL_DIR = '/tmp/run'", "READER_SPM = '/tmp/spiece.model'",
     ("fewshot", "jsonl_qa", 30, True, "-1"),
     ("eval", "jsonl_qa", 0, False, "0-5000:1000"),
     ("infer", "jsonl_qa", 0, False, "0-5000:1000"),
+    ("pod_v4_128_nq64", "jsonl_qa", 30, True, "-1"),
 ])
 def test_run_files(name, task, steps, query_side, refresh):
     gin_config.parse(["models/tiny.gin", f"runs/{name}.gin"], MACROS)

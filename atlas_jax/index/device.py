@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from atlas_jax import partitioning
+from atlas_jax import distributed, partitioning
 from atlas_jax.index import base
 
 STORAGES = ("float32", "bfloat16", "int8", "int4")
@@ -165,7 +165,7 @@ class DeviceBackend:
 
     def host_embeddings(self) -> np.ndarray:
         """(N, D) float32 rows as stored (dequantised for int8/int4)."""
-        stored = np.asarray(self._stored)[:self._num_rows]
+        stored = distributed.host_array(self._stored)[:self._num_rows]
         if self.config.storage == "int4":
             codes = np.empty((len(stored), self._dim), np.int8)
             codes[:, 0::2] = (stored & 15).astype(np.int8) - 8

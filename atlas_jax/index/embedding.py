@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from atlas_jax import partitioning
+from atlas_jax import distributed, partitioning
 from atlas_jax.index import passages
 from atlas_jax.models import retriever as retriever_lib
 from atlas_jax.weights import Retriever
@@ -203,7 +203,7 @@ def embed_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarra
     pending = None  # (rows, device result) of the batch in flight
 
     def read_back(rows, result):
-        embeddings[rows] = np.asarray(result)[:len(rows)]
+        embeddings[rows] = distributed.host_array(result)[:len(rows)]
         bar.update(len(rows))
 
     for start, length in zip(starts, bucket_of):

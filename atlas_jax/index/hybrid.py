@@ -14,6 +14,9 @@ about the others), so a result row may hold fewer than k hits, padded with -1 / 
 `add` re-indexes: bm25s cannot update an index in place (idf and the average length change
 with every passage), so the score matrix is rebuilt from the cached token ids of all passages.
 
+bm25s is imported where it is used: its import runs a JAX computation, which would create
+the devices before a multi-host launch calls `jax.distributed.initialize`.
+
 Save/load uses bm25s's own `save`/`load` with `allow_pickle=False`: bm25s writes its sparse
 score matrix with `np.save` and its vocabulary and parameters as JSON, and reads them back with
 `np.load(allow_pickle=False)` and `json` (checked in bm25s 0.3.16), so loading runs no code.
@@ -28,10 +31,8 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-import bm25s
 import gin
 import numpy as np
-from bm25s.tokenization import Tokenized, Tokenizer
 
 from atlas_jax.index import base
 from atlas_jax.index.base import SearchResult
@@ -89,12 +90,13 @@ class BM25Index:
                  k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
         self.settings = dict(token_pattern=token_pattern, split_compounds=bool(split_compounds),
                              k1=float(k1), b=float(b), method=method)
+        from bm25s.tokenization import Tokenizer
         self._tokenizer = Tokenizer(lower=True, splitter=make_splitter(token_pattern,
                                                                         split_compounds),
                                     stopwords=stopwords)
         self.settings["stopwords"] = list(self._tokenizer.stopwords)
         self._doc_tokens: list[list[int]] = []
-        self._retriever: bm25s.BM25 | None = None
+        self._retriever = None  # a bm25s.BM25 once indexed
         if len(texts):
             self.add(texts)
 
@@ -118,6 +120,8 @@ class BM25Index:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        import bm25s
+        from bm25s.tokenization import Tokenized
         retriever = bm25s.BM25(k1=self.settings["k1"], b=self.settings["b"],
                                method=self.settings["method"])
         retriever.index(Tokenized(ids=self._doc_tokens, vocab=self._tokenizer.get_vocab_dict()),
@@ -164,6 +168,7 @@ class BM25Index:
 
     def save(self, directory: str | Path) -> None:
         """Write the index under `directory` (created if needed); no pickle anywhere."""
+        import bm25s
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._retriever is not None:
@@ -189,6 +194,7 @@ class BM25Index:
         Raises:
           ValueError naming the file when the directory is not a BM25 index or is inconsistent.
         """
+        import bm25s
         directory = Path(directory)
         manifest_path = directory / "bm25.json"
         try:

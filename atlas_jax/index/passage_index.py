@@ -138,15 +138,16 @@ class PassageIndex:
         return new
 
     def add_passages(self, records: Sequence[dict], retriever: Any,
-                     params: Any = None) -> np.ndarray:
-        """Embeds only the new passages (passage tower, `params` or the retriever's) and
-        appends them (see `add`); returns their dense ids."""
+                     params: Any = None, batch_size: int = 256) -> np.ndarray:
+        """Embeds only the new passages (passage tower, `params` or the retriever's; batches
+        of `batch_size`) and appends them (see `add`); returns their dense ids."""
         from atlas_jax.index import embedding
         texts = [passages_lib.retriever_text(r.get("title", ""), r.get("text", ""))
                  for r in records]
         token_ids, lengths = embedding.tokenize_for_retriever(retriever, texts)
         run = embedding.embed_corpus(retriever, token_ids, lengths, params=params,
-                                     mesh=getattr(self.backend, "mesh", None), progress=False)
+                                     mesh=getattr(self.backend, "mesh", None), progress=False,
+                                     batch_size=batch_size)
         return self.add(records, run.embeddings)
 
     @property
