@@ -40,7 +40,8 @@ setup(
         "bm25s",
     ],
     extras_require={
-        "ledger": ["beancount", "beanquery"],
+        # the ledger task, and the demo's plots
+        "ledger": ["beancount", "beanquery", "python-dateutil", "matplotlib"],
         # torch pinned to the CPU wheel on this machine's disk: an unpinned torch pulls a
         # multi-GB CUDA build. transformers is the parity reference for the models.
         "dev": ["pytest", "torch==2.13.0", "transformers", "faiss-cpu"],

@@ -11,12 +11,16 @@ import sys
 
 # name -> (module with add_arguments(parser) setting `run`, one-line help)
 COMMANDS = {
-    "demo": ("atlas_jax.demo", "end-to-end smoke run over embedded Beancount entries"),
+    "demo": ("atlas_jax.demo", "few-shot QA over a generated Beancount ledger, end to end "
+             "(report.json / report.md / plots)"),
+    "ask": ("atlas_jax.ask", "answer a ledger question with a trained demo run, with evidence"),
     "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
     "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
     "train": ("atlas_jax.train_commands", "joint retriever-reader training (t5x-style gin flags)"),
     "eval": ("atlas_jax.train_commands", "evaluate a run's latest checkpoint on its eval split"),
     "infer": ("atlas_jax.train_commands", "predictions of a run's latest checkpoint"),
+    "plan": ("atlas_jax.plan", "memory, FLOPs and sharding plan of a configuration on a "
+             "simulated mesh"),
 }
 
 

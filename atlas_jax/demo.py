@@ -1,146 +1,490 @@
-"""End-to-end smoke run: real MiniLM retrieval over ledger entries, then the tiny FiD reader.
+"""`atlas-jax demo`: few-shot question answering over a Beancount ledger, end to end.
 
-Until the ledger demo lands this embeds a handful of Beancount entries with the real
-all-MiniLM-L6-v2 weights into a `PassageIndex` (exact search sharded over the devices),
-retrieves the top-k for a few questions (and reports recall@k against the entry that answers
-each one) and one query with metadata filters (account prefix, date range), then runs a tiny
-randomly initialised FiD reader over the retrieved passages: teacher-forced logits and
-KV-cached greedy decoding. The reader is untrained, so its answers are noise; the point is
-that every stage runs end to end.
+    atlas-jax demo [--out DIR] [--quick] [--gin_file=...] [--gin.X=...]
+
+Stages (defaults in gin/runs/demo.gin, `--quick` adds gin/runs/demo_quick.gin):
+
+  ledger     generate the ledger QA folder (bean-example, fixed seed, a cutoff date); the
+             passages dated before the cutoff are the training corpus, the rest arrive later
+  vocab      a SentencePiece reader vocabulary trained on the pre-cutoff passages
+  pretrain   retrieval-augmented span corruption on the pre-cutoff passages: first the reader
+             alone (retriever frozen at MiniLM), then reader + query tower jointly (PDist);
+             the frozen-retriever baseline continues the reader-only stage instead
+  finetune   few-shot fine-tuning on the 64 questions of `train_64`, one run per system
+  evaluate   `test` (and `new` for the hot swap) for each system, side by side
+  report     DIR/report.json, DIR/report.md, DIR/plots/*.png, the table on stdout
+
+Retrieval candidates for the retriever loss are hybrid (BM25 fused with dense by reciprocal
+rank) with the filters the query parser (`atlas_jax_tasks.ledger_query`) reads off each
+question's text, preferred ("prefer": the passages that satisfy them first, then the best
+others as hard negatives): off-the-shelf MiniLM rarely has the gold entry among its top
+candidates, so dense-only candidates would give joint training no signal. Systems:
+
+  closed_book       reader fine-tuned without retrieval (question alone)
+  frozen_retriever  reader pre-trained and fine-tuned with the retriever frozen at MiniLM
+  no_pretraining    reader + query tower fine-tuned on the 64 questions from scratch
+  joint             reader + query tower pre-trained and fine-tuned jointly; dense retrieval
+  joint_hybrid      the same model; hybrid retrieval and parsed filters (strict) at test time
+
+Hot swap: the `new` questions ask about entries dated on or after the cutoff. `stale` answers
+them from the index built before the cutoff; `refreshed` from that index with the new entries
+embedded by the trained passage tower and added in place (no retraining).
+
+Every run directory (`DIR/runs/<stage>`) is a normal `atlas-jax train` run (checkpoints,
+metrics.jsonl, predictions); rerunning the demo into the same DIR resumes finished stages.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
-import re
-import tempfile
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import gin
 import numpy as np
 
-PASSAGES = [
-    ("2023-03-01 Landlord", '2023-03-01 * "Landlord" "March rent"\n'
-     "  Expenses:Home:Rent  2400.00 USD\n  Assets:Bank:Checking"),
-    ("2023-03-03 Verizon", '2023-03-03 * "Verizon Wireless" "Phone bill"\n'
-     "  Expenses:Home:Phone  64.08 USD\n  Liabilities:CreditCard"),
-    ("2023-03-07 Whole Foods", '2023-03-07 * "Whole Foods Market" "Groceries"\n'
-     "  Expenses:Food:Groceries  87.32 USD\n  Liabilities:CreditCard"),
-    ("2023-03-09 Uncle Boons", '2023-03-09 * "Uncle Boons" "Dinner with friends"\n'
-     "  Expenses:Food:Restaurant  56.40 USD\n  Liabilities:CreditCard"),
-    ("2023-03-14 Hooli payroll", '2023-03-14 * "Hooli" "Payroll"\n'
-     "  Assets:Bank:Checking  4613.46 USD\n  Income:Salary  -6250.00 USD\n"
-     "  Expenses:Taxes:Federal  1636.54 USD"),
-    ("2023-03-15 Con Edison", '2023-03-15 * "Con Edison" "Electricity"\n'
-     "  Expenses:Home:Electricity  71.19 USD\n  Assets:Bank:Checking"),
-    ("2023-03-18 Metro", '2023-03-18 * "MetroCard" "Transit card refill"\n'
-     "  Expenses:Transport:Tram  120.00 USD\n  Liabilities:CreditCard"),
-    ("2023-03-21 Vanguard", '2023-03-21 * "Vanguard" "Buy index fund"\n'
-     "  Assets:Investments:VBMPX  10 VBMPX {165.20 USD}\n  Assets:Bank:Checking"),
-    ("2023-03-24 Cafe", '2023-03-24 * "Cafe Mogador" "Lunch"\n'
-     "  Expenses:Food:Restaurant  23.75 USD\n  Liabilities:CreditCard"),
-    ("2023-03-31 balance", "2023-03-31 balance Assets:Bank:Checking  3310.98 USD"),
-]
-ACCOUNT = re.compile(r"\b(?:Assets|Liabilities|Equity|Income|Expenses)(?::[\w-]+)+")
-QUESTIONS = [  # (question, index of the passage holding the answer, answer)
-    ("How much was the March rent paid to the landlord?", 0, "2400.00 USD"),
-    ("What did I spend at Whole Foods on March 7, 2023?", 2, "87.32 USD"),
-    ("Which account paid the electricity bill to Con Edison?", 5, "Assets:Bank:Checking"),
-    ("What was the checking account balance on 2023-03-31?", 9, "3310.98 USD"),
-    ("How much federal tax was withheld from the Hooli payroll?", 4, "1636.54 USD"),
-]
+DEMO_GIN = "runs/demo.gin"
+QUICK_GIN = "runs/demo_quick.gin"
+SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
+# stage -> the stage whose parameters it starts from (None: fresh reader, MiniLM retriever)
+STAGES = {
+    "pretrain_reader": None,
+    "pretrain_joint": "pretrain_reader",
+    "pretrain_frozen": "pretrain_reader",
+    "finetune_joint": "pretrain_joint",
+    "finetune_frozen": "pretrain_frozen",
+    "finetune_scratch": None,
+    "finetune_closed_book": "pretrain_joint",
+}
+# system -> (fine-tuning stage, retrieval at test time)
+SYSTEM_RUNS = {
+    "closed_book": ("finetune_closed_book", "closed_book"),
+    "frozen_retriever": ("finetune_frozen", "dense"),
+    "no_pretraining": ("finetune_scratch", "dense"),
+    "joint": ("finetune_joint", "dense"),
+    "joint_hybrid": ("finetune_joint", "hybrid"),
+}
+RECALL_KS = (1, 5, 20)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo generates and evaluates (the models and runs are TrainConfig scopes)."""
+    seed: int = 0
+    start: str = "2021-01-01"
+    end: str = "2023-12-31"
+    cutoff: str | None = None                 # default: ledger.default_cutoff(start, end)
+    spm_vocab_size: int = 1000
+    test_limit: int | None = None             # test questions evaluated (None: all)
+    new_limit: int | None = 300               # `new` questions for the hot swap (seeded sample)
+    dense_weights: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)  # tried on dev, BM25 at 1
+    dev_limit: int | None = 200
+    stages: tuple[str, ...] = tuple(STAGES)
+    # JAX's persistent compilation cache: stages whose steps compile to the same program
+    # (finetune_joint / finetune_scratch, pretrain_reader / pretrain_frozen, the embed and
+    # generate functions) compile once, and a second demo run reuses every program.
+    compilation_cache: str | None = "~/.cache/atlas-jax/xla"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="extra gin files (after models/tiny.gin, models/retriever/minilm.gin)")
-    parser.add_argument("--gin_search_paths", action="append", default=[])
-    parser.add_argument("--k", type=int, default=3, help="passages per question")
-    parser.add_argument("--max_length", type=int, default=8, help="tokens to generate")
-    parser.set_defaults(run=run)
+    parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller ledger and runs (the test suite's path; ~3 min)")
+    parser.epilog = ("gin flags: --gin_file=FILE (after runs/demo.gin), --gin.NAME=VALUE, "
+                     "--gin_search_paths=DIR")
+    parser.set_defaults(run=run, takes_gin_flags=True, gin_flags=[])
 
+
+# ----------------------------------------------------------------------------- set-up
+
+def parse_gin(out: Path, quick: bool, gin_files: list[str], bindings: list[str],
+              search_paths: list[str], extra: list[str] = ()) -> None:
+    """Parses the demo gin (+ quick, + user files) with the folder macros of `out`."""
+    from atlas_jax import gin_config
+    files = [DEMO_GIN] + ([QUICK_GIN] if quick else []) + list(gin_files)
+    macros = [f"DEMO_DIR = {str(out)!r}"]
+    gin_config.parse(files, macros + list(extra) + list(bindings), search_paths)
+
+
+def write_corpus_split(ledger_dir: Path, cutoff: str) -> tuple[Path, Path, int, int]:
+    """passages_before_cutoff.jsonl / passages_new.jsonl next to the ledger's passages."""
+    before, after = [], []
+    with (ledger_dir / "passages.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            (before if record["metadata"]["date"] < cutoff else after).append(line)
+    paths = ledger_dir / "passages_before_cutoff.jsonl", ledger_dir / "passages_new.jsonl"
+    for path, lines in zip(paths, (before, after)):
+        path.write_text("".join(lines), encoding="utf-8")
+    return paths[0], paths[1], len(before), len(after)
+
+
+def ledger_filter_parser(texts, store) -> list[list[str]]:
+    """`TrainConfig.query_filters` for ledger questions: filters parsed from the text."""
+    from atlas_jax_tasks import ledger_query
+    vocabulary = _ledger_vocabulary(store)
+    return [list(ledger_query.parse_query(t, vocabulary).filters) for t in texts]
+
+
+_VOCABULARIES: dict[int, Any] = {}
+
+
+def _ledger_vocabulary(store):
+    from atlas_jax_tasks import ledger_query
+    key = id(store), len(store)
+    if key not in _VOCABULARIES:
+        _VOCABULARIES[key] = ledger_query.LedgerVocabulary.from_records(
+            {"id": i, "metadata": m} for i, m in zip(store.ids, store.metadata))
+    return _VOCABULARIES[key]
+
+
+gin.external_configurable(ledger_filter_parser, module="demo")
+
+
+# ----------------------------------------------------------------------------- stages
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    run: Any
+    params: dict
+    seconds: float
+    metrics_path: Path
+
+
+def _transfer(run, source: dict) -> dict:
+    """`source` params (another stage's groups) laid out as `run`'s groups and shardings."""
+    import jax
+
+    from atlas_jax import partitioning
+    retriever = source.get("retriever", source.get("frozen_retriever"))
+    groups = {"reader": source["reader"], "retriever": retriever,
+              "frozen_retriever": retriever,
+              "frozen_passage_tower": source.get("frozen_passage_tower", retriever)}
+    # Host copies: the new run donates its parameters to its train step, and the source
+    # stage's arrays are still needed by the other stages that start from them.
+    params = jax.tree.map(np.asarray, {key: groups[key] for key in run.params})
+    return partitioning.shard_params(params, run.param_shardings)
+
+
+def run_stage(name: str, out: Path, init: dict | None, shared: dict) -> StageResult:
+    """Trains stage `name` (gin scope of the same name) in DIR/runs/<name>. Stages whose
+    passage tower stays MiniLM as shipped (query-side training, or a frozen retriever) share
+    one step-0 index, `shared["index"]`, embedded once."""
+    from atlas_jax import trainer
+    began = time.perf_counter()
+    with gin.config_scope(name):
+        config = trainer.TrainConfig(model_dir=str(out / "runs" / name))
+        run = trainer.build_run(config)
+    if init is not None:
+        run.params = _transfer(run, init)
+    index = None
+    if not config.closed_book and (config.query_side or run.objective.objective == "none"):
+        if shared.get("index") is None:
+            shared["index"] = trainer.build_index(run, run.params, 0)
+        index = shared["index"]
+    result = trainer.train(run=run, initial_index=index)
+    return StageResult(name, run, result.params, time.perf_counter() - began,
+                       out / "runs" / name / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def subset(examples, rows):
+    from atlas_jax.train_data import Examples
+    pick = lambda values: [values[r] for r in rows]  # noqa: E731
+    return Examples(pick(examples.prompts), examples.targets[rows], pick(examples.queries),
+                    pick(examples.ids), pick(examples.answers), pick(examples.gold_ids),
+                    pick(examples.filters), pick(examples.source_passages))
+
+
+def use_index(run, index) -> None:
+    """Points `run`'s batcher and store at `index` (e.g. the refreshed one)."""
+    from atlas_jax import trainer
+    from atlas_jax.train_data import reader_token_table
+    if run.store is not index.store or len(run.batcher.reader_tokens) != len(index.store):
+        run.store = index.store
+        run.batcher.reader_tokens = reader_token_table(
+            index.store, run.vocabulary, int(run.config.feature_lengths["inputs"]))
+    run.batcher.retriever_tokens = index.tokens
+    run.batcher.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
+    del trainer
+
+
+def retrieval_settings(run, mode: str, dense_weight: float | None = None):
+    """The batcher settings of a test-time retrieval mode: dense (no filters), hybrid (BM25 +
+    dense, parsed filters, strict), closed_book."""
+    from atlas_jax.index import hybrid as hybrid_lib
+    settings = dataclasses.replace(run.batcher.settings, retriever_n_context=max(RECALL_KS),
+                                   rerank_n=0)
+    if mode == "closed_book":
+        return settings
+    if mode == "dense":
+        run.batcher.hybrid_config = None
+        return dataclasses.replace(settings, hybrid=False, use_filters=False)
+    run.batcher.hybrid_config = hybrid_lib.HybridConfig(dense_weight=dense_weight,
+                                                        bm25_weight=1.0)
+    return dataclasses.replace(settings, hybrid=True, use_filters=True, filter_mode="strict")
+
+
+def evaluate_system(run, params, index, examples, mode: str, path: Path,
+                    dense_weight: float | None = None, kinds: dict | None = None) -> dict:
+    """EM / F1 / recall@k / EM by kind of `params` on `examples` with retrieval `mode`."""
+    from atlas_jax import trainer
+    saved = run.batcher.settings, run.batcher.hybrid_config
+    run.batcher.settings = retrieval_settings(run, mode, dense_weight)
+    try:
+        metrics = trainer.evaluate(run, params, index, examples, 0, path)
+    finally:
+        run.batcher.settings, run.batcher.hybrid_config = saved
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return summarize(metrics, records, kinds or {})
+
+
+def summarize(metrics: dict, records: list[dict], kinds: dict[str, str]) -> dict:
+    from atlas_jax import evaluation
+    by_kind: dict[str, list[float]] = {}
+    for record in records:
+        by_kind.setdefault(kinds.get(record["id"], "?"), []).append(
+            evaluation.exact_match(record["prediction"], record["answers"]))
+    out = {"em": metrics.get("eval/em", 0.0), "f1": metrics.get("eval/f1", 0.0),
+           "recall_at_k": {str(k): metrics[f"eval/recall@{k}"] for k in RECALL_KS
+                           if f"eval/recall@{k}" in metrics} or None,
+           "em_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+           "examples": len(records)}
+    return out
+
+
+def choose_dense_weight(run, params, index, examples, weights_: tuple[float, ...]
+                        ) -> tuple[float, dict[str, float]]:
+    """The fusion weight (BM25 at 1) with the best recall@5 on `examples` (dev)."""
+    from atlas_jax import evaluation, trainer
+    from atlas_jax.train_data import eval_batches
+    embed = trainer.make_embed_fn(run, "query")
+    retriever = params[run.retriever_key]
+    scores = {}
+    saved = run.batcher.settings, run.batcher.hybrid_config
+    try:
+        for weight in weights_:
+            run.batcher.settings = retrieval_settings(run, "hybrid", weight)
+            retrieved, gold = [], []
+            for rows, count in eval_batches(len(examples), run.config.batch_size):
+                queries = run.batcher.embed_query_texts(
+                    [examples.queries[r] for r in rows], lambda i, m: embed(retriever, i, m))
+                found = run.batcher.retrieve(index, queries, examples, rows)
+                for j in range(count):
+                    if examples.gold_ids[rows[j]]:
+                        retrieved.append([run.store.ids[i] for i in found[j] if i >= 0])
+                        gold.append(examples.gold_ids[rows[j]])
+            scores[weight] = evaluation.recall_at_k(retrieved, gold, 5)
+    finally:
+        run.batcher.settings, run.batcher.hybrid_config = saved
+    best = max(weights_, key=lambda w: (scores[w], -abs(w - 1.0)))
+    return best, {str(w): s for w, s in scores.items()}
+
+
+def refreshed_index(run, params, stale, new_passages: Path):
+    """The stale index plus the passages of `new_passages`, embedded with the run's passage
+    tower and added in place behind a `HotSwapIndex` swap (no retraining)."""
+    from atlas_jax.index import passage_index as passage_index_lib
+    from atlas_jax.index import passages as passages_lib
+    from atlas_jax.index import refresh
+    def records(store):
+        return [{"id": i, "title": t, "text": x, "metadata": m} for i, t, x, m in
+                zip(store.ids, store.titles, store.texts, store.metadata)]
+    # A copy of the stale index (its own store: `add` appends to the store in place).
+    live = refresh.HotSwapIndex(passage_index_lib.PassageIndex.from_embeddings(
+        passages_lib.PassageStore.from_records(records(stale.store), stale.store.source),
+        np.asarray(stale.embeddings, np.float32), stale.backend.name, run.mesh,
+        stale.backend.config, tokens=stale.tokens))
+    new_records = records(passages_lib.PassageStore.from_jsonl(new_passages))
+    live.update(lambda index: index.add_passages(new_records, run.retriever,
+                                                 params=run.passage_params(params),
+                                                 batch_size=64))
+    index = live.current
+    if index.tokens is None or len(index.tokens.lengths) != len(index.store):
+        index.tokens = passage_index_lib.tokenize_store(index.store, run.retriever)
+    return index
+
+
+# ----------------------------------------------------------------------------- the demo
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import sentencepiece as spm
-
-    from atlas_jax import gin_config, vocabulary, weights
-    from atlas_jax.index import passage_index
-    from atlas_jax.index import passages as passages_lib
-
-    gin_config.parse(["models/tiny.gin", "models/retriever/minilm.gin"] + args.gin_file,
-                     search_paths=args.gin_search_paths)
-
-    start = time.perf_counter()
-    retriever = weights.build_retriever()
-    texts = [f"{title} {text}" for title, text in PASSAGES]
-    retriever.embed(texts, tower="passage")  # compile once, outside the timing
-    t0 = time.perf_counter()
-    passage_embeddings = retriever.embed(texts, tower="passage")
-    embed_seconds = time.perf_counter() - t0
-    store = passages_lib.PassageStore.from_records(
-        {"id": f"entry-{i}", "title": title, "text": text,
-         "metadata": {"date": title.split()[0], "accounts": ACCOUNT.findall(text)}}
-        for i, (title, text) in enumerate(PASSAGES))
-    ledger_index = passage_index.PassageIndex.from_embeddings(store, passage_embeddings)
-    query_embeddings = retriever.embed([q for q, _, _ in QUESTIONS], tower="query")
-    top = ledger_index.search(query_embeddings, args.k).ids  # (questions, k), exact, sharded
-    hits = [gold in row for (_, gold, _), row in zip(QUESTIONS, top)]
-    food = ledger_index.search(retriever.embed(["eating out"], tower="query"), 2,
-                        where=["accounts^=Expenses:Food", "date>=2023-03-08"])
-    print(f"retriever: {retriever.path} ({retriever.config.num_layers} layers, "
-          f"dim {retriever.config.hidden_size}); {len(texts)} passages embedded at "
-          f"{len(texts) / embed_seconds:.0f} passages/s")
-    for (question, gold, _), row, hit in zip(QUESTIONS, top, hits):
-        print(f"  {'HIT ' if hit else 'MISS'} {question}\n       top-{args.k}: "
-              + " | ".join(PASSAGES[i][0] for i in row))
-    print(f"retrieval recall@{args.k}: {np.mean(hits):.2f} (index: {ledger_index.backend.name}, "
-          f"{ledger_index.backend.num_shards} shards)")
-    print("  'eating out' where accounts^=Expenses:Food, date>=2023-03-08: "
-          + " | ".join(hit["title"] for hit in ledger_index.hits(food)))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        spiece = vocabulary.train_sentencepiece(texts + [q for q, _, _ in QUESTIONS],
-                                                Path(tmp) / "spiece.model", vocab_size=300)
-        processor = spm.SentencePieceProcessor(model_file=str(spiece))
-    vocab_size = vocabulary.reader_vocab_size(processor)
-    gin_config.parse(["models/tiny.gin"] + args.gin_file,
-                     [f"t5.T5Config.vocab_size = {vocab_size}"],
-                     args.gin_search_paths)
-    reader = weights.build_reader()
-    sentinel = vocabulary.sentinel_id(processor, 0)
-    length = 96
-    passage_ids = np.zeros((len(QUESTIONS), args.k, length), np.int32)
-    for b, ((question, _, _), row) in enumerate(zip(QUESTIONS, top)):
-        for j, index in enumerate(row):
-            title, text = PASSAGES[index]
-            ids = (processor.encode(f"question: {question} answer:") + [sentinel]
-                   + processor.encode(f"title: {title} context: {text}"))[:length - 1] + [1]
-            passage_ids[b, j, :len(ids)] = ids
-    targets = np.zeros((len(QUESTIONS), 12), np.int32)
-    for b, (_, _, answer) in enumerate(QUESTIONS):
-        ids = ([sentinel] + processor.encode(answer))[:11] + [1]
-        targets[b, :len(ids)] = ids
-    decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
-    t0 = time.perf_counter()
-    logits = reader.logits(passage_ids, decoder_inputs)
-    logits_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    generated = reader.generate(passage_ids, max_length=args.max_length)
-    generate_seconds = time.perf_counter() - t0
-    print(f"reader: tiny FiD, random init (untrained), vocab {vocab_size}, "
-          f"{sum(x.size for x in jax.tree.leaves(reader.params)):,} parameters; input "
-          f"(batch {len(QUESTIONS)}, passages {args.k}, length {length})")
-    print(f"  teacher-forced logits {logits.shape} in {logits_seconds:.2f}s (incl. compile); "
-          f"greedy KV-cached decode {generated.shape} in {generate_seconds:.2f}s (incl. compile)")
-    for (question, _, _), tokens in zip(QUESTIONS, generated):
-        kept = [int(t) for t in tokens if 1 < t < processor.get_piece_size()]
-        print(f"  {question} -> {processor.decode(kept)!r}")
-    summary = {"passages": len(texts),
-               "filtered_hits": [hit["id"] for hit in ledger_index.hits(food)],
-               "passages_per_second": round(len(texts) / embed_seconds, 1),
-               f"recall@{args.k}": float(np.mean(hits)), "reader_logits_shape": logits.shape,
-               "generated_shape": generated.shape,
-               "seconds": round(time.perf_counter() - start, 2)}
-    print(json.dumps(summary))
+    from atlas_jax import demo_report
+    from atlas_jax.train_commands import _gin_arguments
+    try:
+        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        report = run_demo(Path(args.out), args.quick, files, bindings, paths)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"atlas-jax demo: {e}", file=sys.stderr)
+        return 2
+    print(demo_report.table(report))
+    print(json.dumps({"report": str(Path(args.out) / "report.json"),
+                      "total_s": report["timings_s"]["total"]}))
     return 0
+
+
+def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
+             bindings: list[str] = (), search_paths: list[str] = ()) -> dict:
+    """Runs every stage into `out` and returns the report (also written to disk)."""
+    import atlas_jax_tasks
+    from atlas_jax import demo_report, trainer
+    from atlas_jax.train_data import load_examples
+    from atlas_jax_tasks import ledger, pretraining, vocab
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    parse_gin(out, quick, gin_files, bindings, search_paths,
+              ["LEDGER_DIR = None", "READER_SPM = None"])
+    config = DemoConfig()
+    if config.compilation_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir",
+                          str(Path(config.compilation_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    unknown = set(config.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"DemoConfig.stages: unknown stages {sorted(unknown)} (known: "
+                         f"{list(STAGES)})")
+
+    mark = time.perf_counter()
+    ledger_dir = out / "ledger"
+    if (ledger_dir / "summary.json").is_file() and _same_ledger(ledger_dir, config):
+        summary = json.loads((ledger_dir / "summary.json").read_text())
+    else:
+        summary = ledger.generate(ledger_dir, seed=config.seed, start=config.start,
+                                  end=config.end, cutoff=config.cutoff)
+    cutoff = summary["args"]["cutoff"]
+    before, after, n_before, n_after = write_corpus_split(ledger_dir, cutoff)
+    timings["ledger"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    spm_path = out / "spiece.model"
+    if not spm_path.is_file():
+        vocab.train_reader_spiece(before, spm_path, vocab_size=config.spm_vocab_size)
+    spm_vocab = vocab.reader_vocabulary(str(spm_path))
+    vocab_size = -(-spm_vocab.vocab_size // 128) * 128
+    timings["vocab"] = time.perf_counter() - mark
+
+    extra = [f"LEDGER_DIR = {str(ledger_dir)!r}", f"READER_SPM = {str(spm_path)!r}",
+             f"PASSAGES_FILE = {str(before)!r}", f"READER_VOCAB_SIZE = {vocab_size}"]
+    parse_gin(out, quick, gin_files, bindings, search_paths, extra)
+    atlas_jax_tasks.register_configured_tasks()
+    pretraining.register_span_corruption_task("ledger_mlm_before_cutoff", {"train": str(before)},
+                                              with_title=False)
+    kinds = {}
+    for split in ("test", "new", "dev"):
+        for line in (ledger_dir / f"qa_{split}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            kinds[record["id"]] = record["kind"]
+    (out / "demo.gin").write_text(gin.config_str())
+    (out / "demo_args.json").write_text(json.dumps({
+        "quick": quick, "gin_files": list(gin_files), "bindings": list(bindings),
+        "search_paths": list(search_paths), "extra": extra}, indent=1))
+
+    results: dict[str, StageResult] = {}
+    shared: dict[str, Any] = {}
+    for name in tqdm(config.stages, desc="demo stages", unit="stage", dynamic_ncols=True):
+        source = STAGES[name]
+        if source is not None and source not in results:
+            raise ValueError(f"DemoConfig.stages: {name} needs {source} first")
+        result = run_stage(name, out, results[source].params if source else None, shared)
+        results[name] = result
+        timings[name] = result.seconds
+
+    # ---------------------------------------------------------------- evaluation
+    mark = time.perf_counter()
+    joint = results["finetune_joint"]
+    run_ = joint.run
+    feature_lengths = run_.config.feature_lengths
+    stale = shared.get("index") or trainer.build_index(run_, joint.params, 0)
+    test = load_examples(run_.config.task, "test", feature_lengths)
+    if config.test_limit is not None and config.test_limit < len(test):
+        test = subset(test, np.sort(np.random.default_rng(config.seed).permutation(
+            len(test))[:config.test_limit]))
+    dev = load_examples(run_.config.task, "validation", feature_lengths,
+                        limit=config.dev_limit)
+    new = load_examples(run_.config.task, "new", feature_lengths)
+    if config.new_limit is not None and config.new_limit < len(new):
+        new = subset(new, np.sort(np.random.default_rng(config.seed).permutation(
+            len(new))[:config.new_limit]))
+    dense_weight, weight_scores = choose_dense_weight(run_, joint.params, stale, dev,
+                                                      config.dense_weights)
+    timings["choose_fusion_weight"] = time.perf_counter() - mark
+
+    systems = {}
+    predictions = out / "predictions"
+    for system in tqdm(SYSTEMS, desc="evaluate", unit="system", dynamic_ncols=True):
+        mark = time.perf_counter()
+        stage, mode = SYSTEM_RUNS[system]
+        result = results[stage]
+        use_index(result.run, stale)
+        systems[system] = evaluate_system(result.run, result.params, stale, test, mode,
+                                          predictions / f"{system}_test.jsonl", dense_weight,
+                                          kinds)
+        timings[f"eval_{system}"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    use_index(run_, stale)
+    stale_new = evaluate_system(run_, joint.params, stale, new, "hybrid",
+                                predictions / "joint_hybrid_new_stale.jsonl", dense_weight,
+                                kinds)
+    fresh = refreshed_index(run_, joint.params, stale, after)
+    timings["refresh_index"] = time.perf_counter() - mark
+    fresh.save(out / "index_refreshed", dtype="float32", include_bm25=False)
+    use_index(run_, fresh)
+    fresh_new = evaluate_system(run_, joint.params, fresh, new, "hybrid",
+                                predictions / "joint_hybrid_new_refreshed.jsonl",
+                                dense_weight, kinds)
+    timings["eval_hot_swap"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - began
+
+    report = {
+        "systems": systems,
+        "hot_swap": {"system": "joint_hybrid", "stale_em": stale_new["em"],
+                     "refreshed_em": fresh_new["em"], "stale": stale_new,
+                     "refreshed": fresh_new, "new_passages": n_after},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "config": {
+            "quick": quick, "seed": config.seed, "start": config.start, "end": config.end,
+            "cutoff": cutoff, "passages_before_cutoff": n_before, "passages_new": n_after,
+            "reader_vocab_size": spm_vocab.vocab_size, "test_questions": len(test),
+            "new_questions": len(new), "dense_weight": dense_weight,
+            "dense_weight_dev_recall_at_5": weight_scores,
+            "stages": {name: _stage_config(r) for name, r in results.items()},
+            "retriever": str(run_.retriever.path),
+        },
+    }
+    demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()})
+    return report
+
+
+def _same_ledger(ledger_dir: Path, config: DemoConfig) -> bool:
+    summary = json.loads((ledger_dir / "summary.json").read_text())
+    args = summary["args"]
+    return (args.get("seed") == config.seed and args.get("start") == config.start
+            and args.get("end") == config.end
+            and (config.cutoff is None or args.get("cutoff") == config.cutoff))
+
+
+def _stage_config(result: StageResult) -> dict:
+    c, o = result.run.config, result.run.optimizer_config
+    return {"task": c.task, "split": c.train_split, "steps": c.train_steps,
+            "batch_size": c.batch_size, "n_context": c.n_context,
+            "retriever_n_context": c.retriever_n_context, "query_side": c.query_side,
+            "closed_book": c.closed_book, "objective": result.run.objective.objective,
+            "reader_lr": o.reader_learning_rate, "retriever_lr": o.retriever_learning_rate,
+            "params": {k: int(sum(np.size(x) for x in __import__("jax").tree.leaves(v)))
+                       for k, v in result.params.items()},
+            "seconds": round(result.seconds, 1)}
+
+
+def today() -> datetime.date:
+    return datetime.date.today()

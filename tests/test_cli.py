@@ -1,5 +1,4 @@
-"""The `atlas-jax` entry point and the smoke demo, run as a user runs them."""
-import json
+"""The `atlas-jax` entry point, run as a user runs it."""
 import os
 import shutil
 import subprocess
@@ -16,15 +15,12 @@ def _run(*args):
                           timeout=600)
 
 
-def test_demo_runs_end_to_end():
-    result = _run("demo")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["recall@3"] == 1.0  # real MiniLM ranks each answering entry in the top 3
-    assert summary["reader_logits_shape"] == [5, 12, 384]
-    assert summary["generated_shape"] == [5, 8]
-    # The filtered query returns the two restaurant entries after March 8, not fewer.
-    assert sorted(summary["filtered_hits"]) == ["entry-3", "entry-8"]
+def test_demo_and_ask_document_their_flags():
+    # The demo itself runs end to end in tests/test_demo.py (--quick).
+    result = _run("demo", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout and "--out" in result.stdout
+    result = _run("ask", "--help")
+    assert result.returncode == 0 and "--ledger" in result.stdout
 
 
 def test_unknown_command_is_an_error():

@@ -1,0 +1,131 @@
+"""`atlas-jax demo --quick` end to end (8 simulated devices), then `atlas-jax ask` on its run.
+
+The quick demo runs the full demo's code path on a one-year ledger with a few steps per
+stage; its EM numbers mean nothing, but retrieval, filters, the hot swap and the report are
+real and checked here.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+import pytest
+
+from atlas_jax.demo import SYSTEMS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=1500):
+    return subprocess.run([sys.executable, "-m", "atlas_jax.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = _cli("demo", "--out", str(out), "--quick")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_report_schema_and_files(demo_run):
+    out, stdout = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == set(SYSTEMS)
+    for name, system in report["systems"].items():
+        assert {"em", "f1", "recall_at_k", "em_by_kind"} <= set(system)
+        assert 0.0 <= system["em"] <= 1.0 and 0.0 <= system["f1"] <= 1.0
+        assert set(system["em_by_kind"]) >= {"payment_amount", "payee_of", "expense_account"}
+        if name == "closed_book":
+            assert system["recall_at_k"] is None
+        else:
+            assert set(system["recall_at_k"]) == {"1", "5", "20"}
+    assert {"stale_em", "refreshed_em"} <= set(report["hot_swap"])
+    assert report["timings_s"]["total"] > 0 and "pretrain_reader" in report["timings_s"]
+    assert report["config"]["dense_weight"] in (0.25, 1.0)
+    for plot in ("loss_curves.png", "recall_at_k.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "| joint_hybrid |" in markdown and "plots/recall_at_k.png" in markdown
+    assert "| joint_hybrid |" in stdout
+    for stage in ("pretrain_reader", "pretrain_joint", "finetune_joint", "finetune_closed_book"):
+        assert any((out / "runs" / stage / "checkpoints").iterdir()), stage
+        assert (out / "runs" / stage / "metrics.jsonl").is_file()
+
+
+def test_retrieval_filters_and_hot_swap(demo_run):
+    out, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    systems = report["systems"]
+    # Parsed filters + BM25 find the gold entry; dense MiniLM alone mostly does not.
+    assert systems["joint_hybrid"]["recall_at_k"]["5"] >= 0.9
+    assert systems["joint_hybrid"]["recall_at_k"]["5"] > systems["joint"]["recall_at_k"]["5"]
+    swap = report["hot_swap"]
+    # The stale index predates the new entries, so it cannot hold their gold passages.
+    assert swap["stale"]["recall_at_k"]["20"] == 0.0
+    assert swap["refreshed"]["recall_at_k"]["5"] >= 0.9
+    assert swap["new_passages"] > 0
+
+
+def test_ask_answers_with_evidence_and_hot_swaps_a_grown_ledger(demo_run, tmp_path):
+    from atlas_jax import ask
+    out, _ = demo_run
+    record = next(r for r in map(json.loads, (out / "ledger" / "qa_test.jsonl").read_text()
+                                 .splitlines()) if r["kind"] == "payment_amount")
+    run, params, index, weight = ask.load_model(out)
+    result = ask.answer(run, params, index, record["question"], weight)
+    assert result["evidence"] and result["evidence"][0]["id"] in record["gold_ids"]
+    assert any(f.startswith("date") for f in result["filters"])
+    assert 0.0 <= result["confidence"] <= 1.0 and isinstance(result["answer"], str)
+
+    # A question about a day with no entry is flagged, not answered with confidence.
+    lost = ask.answer(run, params, index, "How much did I pay Chichipotle on 1999-01-01?",
+                      weight)
+    assert lost["low_confidence"] and "no ledger entry" in lost["why_low"][0]
+
+    # The ledger grows by one entry: --ledger indexes it without retraining.
+    ledger = tmp_path / "ledger.beancount"
+    shutil.copy(out / "ledger" / "ledger.beancount", ledger)
+    with ledger.open("a") as f:
+        f.write('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
+                "  Expenses:Food:Restaurant  77.41 USD\n"
+                "  Liabilities:US:Chase:Slate  -77.41 USD\n")
+    before = len(index.store)
+    added = ask.add_ledger(run, params, index, str(ledger))
+    assert added >= 1 and len(index.store) == before + added
+    grown = ask.answer(run, params, index, "How much did I pay Zyxwv Bakery on 30 Dec 2022?",
+                       weight)
+    assert "Zyxwv Bakery" in grown["evidence"][0]["text"]
+    assert "payee=Zyxwv Bakery" in grown["filters"]
+
+
+def test_ask_command_line(demo_run, tmp_path):
+    out, _ = demo_run
+    result = _cli("ask", "--run", str(out), "--json",
+                  "What account recorded the expense paid on 2022-03-01?", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"answer", "confidence", "low_confidence", "evidence", "filters"} <= set(answer)
+
+    bad = tmp_path / "bad.beancount"
+    bad.write_text('2022-01-01 open Assets:Cash\n2022-01-02 * "x" "y"\n  Assets:Cash  abc USD\n')
+    result = _cli("ask", "--run", str(out), "--ledger", str(bad), "anything?", timeout=600)
+    assert result.returncode == 2 and str(bad) in result.stderr
+
+
+def test_bad_input_is_named(tmp_path):
+    result = _cli("ask", "--run", str(tmp_path), "How much?", timeout=300)
+    assert result.returncode == 2 and "demo_args.json" in result.stderr
+    result = _cli("demo", "--out", str(tmp_path / "d"), "--quick",
+                  "--gin.demo.DemoConfig.no_such_field=1", timeout=300)
+    assert result.returncode == 2 and "no_such_field" in result.stderr
