@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import time
@@ -205,7 +204,6 @@ def subset(examples, rows):
 
 def use_index(run, index) -> None:
     """Points `run`'s batcher and store at `index` (e.g. the refreshed one)."""
-    from atlas_jax import trainer
     from atlas_jax.train_data import reader_token_table
     if run.store is not index.store or len(run.batcher.reader_tokens) != len(index.store):
         run.store = index.store
@@ -213,7 +211,6 @@ def use_index(run, index) -> None:
             index.store, run.vocabulary, int(run.config.feature_lengths["inputs"]))
     run.batcher.retriever_tokens = index.tokens
     run.batcher.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
-    del trainer
 
 
 def retrieval_settings(run, mode: str, dense_weight: float | None = None):
@@ -484,7 +481,3 @@ def _stage_config(result: StageResult) -> dict:
             "params": {k: int(sum(np.size(x) for x in __import__("jax").tree.leaves(v)))
                        for k, v in result.params.items()},
             "seconds": round(result.seconds, 1)}
-
-
-def today() -> datetime.date:
-    return datetime.date.today()
