@@ -7,7 +7,8 @@ tasks over files named in gin (`jsonl_qa`, `passages_mlm`, `passages_prefix_lm`,
 
 Modules: vocab (reader vocabulary), jsonl_source (jsonl data source), features (output
 features, task registration), preprocessors (span corruption, prefix LM), qa,
-pretraining, multiple_choice, tfds_sources, ledger_tasks, registry.
+pretraining, multiple_choice, tfds_sources, ledger_tasks, ledger_salient (salient-span
+masking of ledger entries), registry.
 """
 from atlas_jax_tasks.registry import (describe_tasks, list_tasks, register_configured_tasks,
                                       register_jsonl_tasks, registered_tasks)
