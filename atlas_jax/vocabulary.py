@@ -11,16 +11,19 @@ import sentencepiece as spm
 NUM_EXTRA_IDS = 100
 
 
-def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000
-                        ) -> Path:
+def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000,
+                        split_digits: bool = False) -> Path:
     """Trains a unigram SentencePiece model on `texts` with T5's special ids; writes
     `out_path` (a .model file) and returns it. `vocab_size` is an upper bound for small
-    corpora (hard_vocab_limit off)."""
+    corpora (hard_vocab_limit off). `split_digits`: every digit its own piece (as PaLM and
+    LLaMA do), so a reader copies any number with ten well-trained tokens instead of
+    thousands of rare number pieces."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+        hard_vocab_limit=False, character_coverage=1.0, split_digits=split_digits,
+        minloglevel=2)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(model.getvalue())

@@ -95,3 +95,19 @@ def test_train_from_passages_file(tmp_path):
     passages.write_text('{"id": "p0", "title": "T"}\n')
     with pytest.raises(ValueError, match="passages.jsonl:1"):
         vocab.train_reader_spiece(passages, tmp_path / "bad.model")
+
+
+def test_split_digits_gives_one_piece_per_digit(tmp_path):
+    ledger_lines = [f"  Expenses:Food:Groceries  {n}.{n % 97:02d} USD" for n in range(10, 400)]
+    pieces = {}
+    for split in (False, True):
+        vocabulary = vocab.train_reader_spiece(ledger_lines, tmp_path / f"{split}.model",
+                                               vocab_size=300, split_digits=split)
+        processor = spm.SentencePieceProcessor(model_file=str(tmp_path / f"{split}.model"))
+        pieces[split] = processor.encode_as_pieces("Expenses 118.79 USD")
+        assert vocabulary.decode(vocabulary.encode("Expenses 118.79 USD")) == "Expenses 118.79 USD"
+    digits = [p.lstrip("\u2581") for p in pieces[True] if any(c.isdigit() for c in p)]
+    assert digits == list("11879") or digits == ["1", "1", "8", "7", "9"]
+    assert all(len(d) == 1 for d in digits)
+    # without it, a corpus of amounts learns multi-digit pieces
+    assert any(sum(c.isdigit() for c in p) > 1 for p in pieces[False])
