@@ -54,14 +54,23 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
 
+    from atlas_jax.demo import STAGES
+    stages = report["config"].get("stages", {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, path in metrics_paths.items():
         rows = [r for r in _read_metrics(path) if "reader_loss" in r]
         if not rows:
             continue
-        ax = axes[0] if name.startswith("pretrain") else axes[1]
-        ax.plot([r["step"] for r in rows], [r["reader_loss"] for r in rows], label=name)
-    for ax, title in zip(axes, ("pre-training (span corruption)", "few-shot fine-tuning")):
+        pretraining = name.startswith("pretrain")
+        # A pre-training continuation is drawn after the steps of the stage it starts from.
+        source = STAGES.get(name)
+        offset = stages.get(source, {}).get("steps", 0) if pretraining and source else 0
+        ax = axes[0] if pretraining else axes[1]
+        ax.plot([offset + r["step"] for r in rows], [r["reader_loss"] for r in rows],
+                label=name)
+    task = stages.get("pretrain_reader", {}).get("task", "")
+    kind = "salient spans" if "salient" in task else "span corruption"
+    for ax, title in zip(axes, (f"pre-training ({kind})", "few-shot fine-tuning")):
         ax.set_title(f"reader loss: {title}")
         ax.set_xlabel("step")
         ax.set_yscale("log")

@@ -129,3 +129,8 @@ def test_bad_input_is_named(tmp_path):
     result = _cli("demo", "--out", str(tmp_path / "d"), "--quick",
                   "--gin.demo.DemoConfig.no_such_field=1", timeout=300)
     assert result.returncode == 2 and "no_such_field" in result.stderr
+    # a stage list with nothing to evaluate fails before any training
+    result = _cli("demo", "--out", str(tmp_path / "e"), "--quick",
+                  "--gin.DemoConfig.stages=('pretrain_reader',)", timeout=300)
+    assert result.returncode == 2 and "no fine-tuning stage with retrieval" in result.stderr
+    assert not (tmp_path / "e" / "runs").exists()
