@@ -14,13 +14,16 @@ and the evidence passages (id, date, text, score).
 when the ledger has grown.
 
 A question is flagged low-confidence, rather than answered as if certain, when no indexed
-entry satisfies the parsed filters, or when the reader's per-token likelihood of its own
-answer (geometric mean) is below `--min_confidence`.
+entry satisfies the parsed filters, when the answer is quoted by none of the evidence entries
+(an amount must equal one of an entry's amounts, a name must appear in its text; sums over
+several entries are flagged too, since no entry states them), or when the reader's per-token
+likelihood of its own answer (geometric mean) is below `--min_confidence`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,21 @@ from typing import Any
 import numpy as np
 
 STAGE = "finetune_joint"
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def grounding(answer_text: str, evidence: list[dict]) -> list[str]:
+    """Ids of the evidence entries that state `answer_text`: every number in it equals one of
+    the entry's numbers (dates aside, signs ignored), or, for an answer without numbers, the
+    entry's text contains it (case-insensitive)."""
+    def numbers(text):
+        return {float(n.replace(",", "")) for n in NUMBER.findall(DATE.sub(" ", text))}
+    wanted, name = numbers(answer_text), answer_text.strip().lower()
+    if not name:
+        return []
+    return [e["id"] for e in evidence
+            if (wanted <= numbers(e["text"]) if wanted else name in e["text"].lower())]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,13 +178,16 @@ def answer(run_, params, index, question: str, dense_weight: float, k: int | Non
     evidence = [{"id": index.store.ids[i], "date": index.store.metadata[i].get("date"),
                  "score": float(s), "text": index.store.texts[i]}
                 for i, s in zip(found, scores) if i >= 0]
+    grounded_in = grounding(text, evidence)
     reasons = []
     if unmatched:
         reasons.append(f"no ledger entry matches the filters {list(parsed.filters)}")
+    if not grounded_in:
+        reasons.append("no evidence entry states this answer")
     if confidence < min_confidence:
         reasons.append(f"reader likelihood {confidence:.2f} < {min_confidence}")
     return {"question": question, "answer": text, "confidence": confidence,
-            "low_confidence": bool(reasons), "why_low": reasons,
+            "low_confidence": bool(reasons), "why_low": reasons, "grounded_in": grounded_in,
             "filters": list(parsed.filters), "evidence": evidence}
 
 
@@ -191,5 +212,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"filters: {', '.join(out['filters']) or '(none)'}\nevidence:")
     for hit in out["evidence"]:
         text = " | ".join(line.strip() for line in hit["text"].splitlines())
-        print(f"  {hit['score']:.4f}  {hit['id']}  {hit['date']}  {text}")
+        mark = "  <- states the answer" if hit["id"] in out["grounded_in"] else ""
+        print(f"  {hit['score']:.4f}  {hit['id']}  {hit['date']}  {text}{mark}")
     return 0

@@ -87,6 +87,8 @@ def test_ask_answers_with_evidence_and_hot_swaps_a_grown_ledger(demo_run, tmp_pa
     assert result["evidence"] and result["evidence"][0]["id"] in record["gold_ids"]
     assert any(f.startswith("date") for f in result["filters"])
     assert 0.0 <= result["confidence"] <= 1.0 and isinstance(result["answer"], str)
+    assert set(result["grounded_in"]) <= {e["id"] for e in result["evidence"]}
+    assert result["grounded_in"] or "no evidence entry states this answer" in result["why_low"]
 
     # A question about a day with no entry is flagged, not answered with confidence.
     lost = ask.answer(run, params, index, "How much did I pay Chichipotle on 1999-01-01?",
@@ -109,13 +111,30 @@ def test_ask_answers_with_evidence_and_hot_swaps_a_grown_ledger(demo_run, tmp_pa
     assert "payee=Zyxwv Bakery" in grown["filters"]
 
 
+def test_grounding_matches_amounts_and_names():
+    from atlas_jax.ask import grounding
+    evidence = [
+        {"id": "a", "text": '2021-01-14 * "Kin Soy" "Eating out"\n'
+                            "  Liabilities:US:Chase:Slate  -25.84 USD\n"
+                            "  Expenses:Food:Restaurant     25.84 USD"},
+        {"id": "b", "text": "2021-02-10 balance Assets:US:BofA:Checking  2,973.33 USD"}]
+    assert grounding("25.84 USD", evidence) == ["a"]
+    assert grounding("$2973.33", evidence) == ["b"]
+    assert grounding("23.34 USD", evidence) == []
+    assert grounding("14 USD", evidence) == []           # the date's day is not an amount
+    assert grounding("Kin soy", evidence) == ["a"]
+    assert grounding("Expenses:Food:Restaurant", evidence) == ["a"]
+    assert grounding("Chichipotle", evidence) == grounding("", evidence) == []
+
+
 def test_ask_command_line(demo_run, tmp_path):
     out, _ = demo_run
     result = _cli("ask", "--run", str(out), "--json",
                   "What account recorded the expense paid on 2022-03-01?", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"answer", "confidence", "low_confidence", "evidence", "filters"} <= set(answer)
+    assert {"answer", "confidence", "low_confidence", "evidence", "filters",
+            "grounded_in"} <= set(answer)
 
     bad = tmp_path / "bad.beancount"
     bad.write_text('2022-01-01 open Assets:Cash\n2022-01-02 * "x" "y"\n  Assets:Cash  abc USD\n')
