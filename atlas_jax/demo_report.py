@@ -45,6 +45,14 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
     """plots/loss_curves.png (loss per stage) and plots/recall_at_k.png (recall per system)."""
     import matplotlib
@@ -75,10 +83,7 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    written.append(folder / "loss_curves.png")
+    written.append(_save(fig, folder / "loss_curves.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ks = ["1", "5", "20"]
@@ -92,10 +97,7 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
     ax.set_ylim(0, 1.05)
     ax.set_title("gold ledger entry retrieved (test)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "recall_at_k.png", dpi=110)
-    plt.close(fig)
-    written.append(folder / "recall_at_k.png")
+    written.append(_save(fig, folder / "recall_at_k.png"))
     return written
 
 

@@ -28,6 +28,7 @@ from typing import Iterator
 
 import seqio
 
+from atlas_jax_tasks.ledger_tasks import LEDGER_QA_FIELDS
 from atlas_jax_tasks.qa import SENTINEL_0, register_qa_task
 
 SENTINEL_1 = "<extra_id_1>"
@@ -112,6 +113,5 @@ def write_salient_records(passages_jsonl: str | Path, out_jsonl: str | Path) -> 
 def register_salient_task(name: str, records_jsonl: str | Path,
                           vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
     """A QA task (split `train`) over `write_salient_records`' output."""
-    from atlas_jax_tasks.ledger_tasks import LEDGER_QA_FIELDS
     return register_qa_task(name, {"train": str(records_jsonl)}, vocabulary=vocabulary,
                             random_answer=False, extra_fields=LEDGER_QA_FIELDS)
