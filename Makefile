@@ -6,7 +6,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean reader
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ install: $(STAMP)
 # on 2 cores they only add overhead).
 demo: $(STAMP)
 	XLA_FLAGS= $(VENV)/bin/atlas-jax demo --out demo_out
+
+# The reader shipped in atlas_jax/readers/ledger_t5: unsupervised pre-training on generated
+# ledgers (gin/runs/reader_pretrain.gin; ~80 min on 2 cores, resumable), then the export
+# (weights, vocabulary, model card). READER_RUN keeps the checkpoints.
+READER_RUN ?= reader_run
+reader: $(STAMP)
+	XLA_FLAGS= $(VENV)/bin/atlas-jax reader pretrain --gin_file=runs/reader_pretrain.gin \
+		--gin.MODEL_DIR="'$(abspath $(READER_RUN))'"
+	XLA_FLAGS= $(VENV)/bin/atlas-jax reader export --run $(READER_RUN) \
+		--out atlas_jax/readers/ledger_t5
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -18,7 +18,9 @@ setup(
     packages=["atlas_jax", "atlas_jax.models", "atlas_jax.index", "atlas_jax_tasks",
               "atlas_jax.gin"],
     package_dir={"atlas_jax": "atlas_jax", "atlas_jax_tasks": "tasks", "atlas_jax.gin": "gin"},
-    package_data={"atlas_jax.gin": [f"{d}/*.gin" if d != "." else "*.gin" for d in GIN_DIRS]},
+    package_data={"atlas_jax.gin": [f"{d}/*.gin" if d != "." else "*.gin" for d in GIN_DIRS],
+                  # the pre-trained reader shipped with the package (`make reader`)
+                  "atlas_jax": ["readers/*/*"]},
     install_requires=[
         "jax",
         "flax",

@@ -6,12 +6,13 @@ Stages (defaults in gin/runs/demo.gin, `--quick` adds gin/runs/demo_quick.gin):
 
   ledger     generate the ledger QA folder (bean-example, fixed seed, a cutoff date); the
              passages dated before the cutoff are the training corpus, the rest arrive later
-  vocab      a SentencePiece reader vocabulary trained on the pre-cutoff passages and the
-             64 training questions
+  reader     the pre-trained reader shipped with the package (READER_CHECKPOINT, default
+             `package:ledger_t5`: `make reader` made it, unsupervised, on other ledgers) and
+             its SentencePiece vocabulary; every system starts from it
   pretrain   retrieval-augmented salient-span masking of the pre-cutoff passages (each
-             entry's payee, amount, account; atlas_jax_tasks/ledger_salient.py): first the
-             reader alone (retriever frozen at MiniLM), then reader + query tower jointly
-             (PDist); the frozen-retriever baseline continues the reader-only stage instead
+             entry's payee, amount, account; atlas_jax_tasks/ledger_salient.py): reader +
+             query tower jointly (PDist); the frozen-retriever baseline trains the reader
+             alone for as many steps
   finetune   few-shot fine-tuning on the 64 questions of `train_64`, one run per system
   evaluate   `test` (and `new` for the hot swap) for each system, side by side
   report     DIR/report.json, DIR/report.md, DIR/plots/*.png, the table on stdout
@@ -53,9 +54,8 @@ QUICK_GIN = "runs/demo_quick.gin"
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
 # stage -> the stage whose parameters it starts from (None: fresh reader, MiniLM retriever)
 STAGES = {
-    "pretrain_reader": None,
-    "pretrain_joint": "pretrain_reader",
-    "pretrain_frozen": "pretrain_reader",
+    "pretrain_joint": None,
+    "pretrain_frozen": None,
     "finetune_joint": "pretrain_joint",
     "finetune_frozen": "pretrain_frozen",
     "finetune_scratch": None,
@@ -80,17 +80,13 @@ class DemoConfig:
     start: str = "2021-01-01"
     end: str = "2023-12-31"
     cutoff: str | None = None                 # default: ledger.default_cutoff(start, end)
-    spm_vocab_size: int = 1000
-    # One piece per digit (SentencePiece split_digits). Measured worse here: with it the
-    # fine-tuned readers answered no payment amount right (README, design notes).
-    spm_split_digits: bool = False
     test_limit: int | None = None             # test questions evaluated (None: all)
     new_limit: int | None = 300               # `new` questions for the hot swap (seeded sample)
     dense_weights: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)  # tried on dev, BM25 at 1
     dev_limit: int | None = 200
     stages: tuple[str, ...] = tuple(STAGES)
     # JAX's persistent compilation cache: stages whose steps compile to the same program
-    # (finetune_joint / finetune_scratch, pretrain_reader / pretrain_frozen, the embed and
+    # (finetune_joint / finetune_scratch, pretrain_joint / pretrain_frozen, the embed and
     # generate functions) compile once, and a second demo run reuses every program.
     compilation_cache: str | None = "~/.cache/atlas-jax/xla"
 
@@ -126,6 +122,33 @@ def write_corpus_split(ledger_dir: Path, cutoff: str) -> tuple[Path, Path, int, 
     for path, lines in zip(paths, (before, after)):
         path.write_text("".join(lines), encoding="utf-8")
     return paths[0], paths[1], len(before), len(after)
+
+
+def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
+    """The reader checkpoint's `spiece.model` copied to `out/spiece.model` (the run folder
+    stays self-contained) and the checkpoint's vocabulary size.
+
+    Raises:
+      ValueError: READER_CHECKPOINT is unset, or its folder has no spiece.model.
+    """
+    import shutil
+
+    from atlas_jax import weights
+    checkpoint = gin.query_parameter("weights.build_reader.checkpoint")
+    if not checkpoint:
+        raise ValueError("the demo starts from a pre-trained reader: bind READER_CHECKPOINT "
+                         "(default 'package:ledger_t5') to a T5 folder with spiece.model")
+    folder = weights.resolve_path(checkpoint)
+    source = folder / "spiece.model"
+    if not source.is_file():
+        raise ValueError(f"{source}: the reader checkpoint {checkpoint} has no spiece.model")
+    target = out / "spiece.model"
+    if not target.is_file() or target.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, target)
+    vocab_size = weights.read_json(folder / "config.json").get("vocab_size")
+    if not isinstance(vocab_size, int):
+        raise ValueError(f"{folder / 'config.json'}: no integer vocab_size")
+    return target, vocab_size
 
 
 def ledger_filter_parser(texts, store) -> list[list[str]]:
@@ -344,7 +367,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     timings: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
     parse_gin(out, quick, gin_files, bindings, search_paths,
-              ["LEDGER_DIR = None", "READER_SPM = None"])
+              ["LEDGER_DIR = None", "READER_SPM = None", "READER_VOCAB_SIZE = None"])
     config = DemoConfig()
     if config.compilation_cache:
         import jax
@@ -364,6 +387,11 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
                          "finetune_scratch)")
 
     mark = time.perf_counter()
+    spm_path, vocab_size = reader_vocabulary_file(out)
+    spm_vocab = vocab.reader_vocabulary(str(spm_path))
+    timings["reader_vocabulary"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
     ledger_dir = out / "ledger"
     if (ledger_dir / "summary.json").is_file() and _same_ledger(ledger_dir, config):
         summary = json.loads((ledger_dir / "summary.json").read_text())
@@ -373,19 +401,6 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     cutoff = summary["args"]["cutoff"]
     before, after, n_before, n_after = write_corpus_split(ledger_dir, cutoff)
     timings["ledger"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    spm_path = out / "spiece.model"
-    if not spm_path.is_file():
-        # The pre-cutoff entries and the 64 training questions (the reader's few shots).
-        texts = list(vocab.passage_texts(before))
-        texts += [json.loads(line)["question"] for line in
-                  (ledger_dir / "qa_train_64.jsonl").open(encoding="utf-8")]
-        vocab.train_reader_spiece(texts, spm_path, vocab_size=config.spm_vocab_size,
-                                  split_digits=config.spm_split_digits)
-    spm_vocab = vocab.reader_vocabulary(str(spm_path))
-    vocab_size = -(-spm_vocab.vocab_size // 128) * 128
-    timings["vocab"] = time.perf_counter() - mark
 
     extra = [f"LEDGER_DIR = {str(ledger_dir)!r}", f"READER_SPM = {str(spm_path)!r}",
              f"PASSAGES_FILE = {str(before)!r}", f"READER_VOCAB_SIZE = {vocab_size}"]
@@ -479,6 +494,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
             "dense_weight_dev_recall_at_5": weight_scores,
             "stages": {name: _stage_config(r) for name, r in results.items()},
             "retriever": str(run_.retriever.path),
+            "reader": gin.query_parameter("weights.build_reader.checkpoint"),
         },
     }
     demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()})

@@ -34,12 +34,19 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- files
 
 def resolve_path(path: str | Path) -> Path:
-    """A folder path, or `package:NAME` for a checkpoint shipped inside a Python package
-    (its folder, or its `model/` subfolder when that holds the config)."""
+    """A folder path, or `package:NAME`: a reader shipped with atlas-jax
+    (`atlas_jax/readers/NAME`, e.g. `package:ledger_t5`), else a checkpoint shipped inside
+    a Python package (its folder, or its `model/` subfolder when that holds the config)."""
     text = str(path)
     if text.startswith("package:"):
         name = text[len("package:"):]
-        spec = importlib.util.find_spec(name)
+        shipped = Path(__file__).parent / "readers" / name   # the package's own readers
+        if (shipped / "config.json").is_file():
+            return shipped
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise CheckpointError(f"{text}: Python package {name!r} is not installed")
         folder = Path(list(spec.submodule_search_locations)[0])

@@ -51,14 +51,18 @@ def test_report_schema_and_files(demo_run):
         else:
             assert set(system["recall_at_k"]) == {"1", "5", "20"}
     assert {"stale_em", "refreshed_em"} <= set(report["hot_swap"])
-    assert report["timings_s"]["total"] > 0 and "pretrain_reader" in report["timings_s"]
+    assert report["timings_s"]["total"] > 0 and "pretrain_joint" in report["timings_s"]
+    # Every system starts from the reader shipped with the package, vocabulary included.
+    assert report["config"]["reader"] == "package:ledger_t5"
+    assert (out / "spiece.model").read_bytes() == (
+        REPO / "atlas_jax" / "readers" / "ledger_t5" / "spiece.model").read_bytes()
     assert report["config"]["dense_weight"] in (0.25, 1.0)
     for plot in ("loss_curves.png", "recall_at_k.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "| joint_hybrid |" in markdown and "plots/recall_at_k.png" in markdown
     assert "| joint_hybrid |" in stdout
-    for stage in ("pretrain_reader", "pretrain_joint", "finetune_joint", "finetune_closed_book"):
+    for stage in ("pretrain_joint", "pretrain_frozen", "finetune_joint", "finetune_closed_book"):
         assert any((out / "runs" / stage / "checkpoints").iterdir()), stage
         assert (out / "runs" / stage / "metrics.jsonl").is_file()
 
@@ -150,6 +154,11 @@ def test_bad_input_is_named(tmp_path):
     assert result.returncode == 2 and "no_such_field" in result.stderr
     # a stage list with nothing to evaluate fails before any training
     result = _cli("demo", "--out", str(tmp_path / "e"), "--quick",
-                  "--gin.DemoConfig.stages=('pretrain_reader',)", timeout=300)
+                  "--gin.DemoConfig.stages=('pretrain_joint',)", timeout=300)
     assert result.returncode == 2 and "no fine-tuning stage with retrieval" in result.stderr
     assert not (tmp_path / "e" / "runs").exists()
+    # a reader checkpoint without its vocabulary is refused before any training
+    result = _cli("demo", "--out", str(tmp_path / "f"), "--quick",
+                  f"--gin.weights.build_reader.checkpoint='{tmp_path}'", timeout=300)
+    assert result.returncode == 2 and "spiece.model" in result.stderr
+    assert not (tmp_path / "f" / "runs").exists()

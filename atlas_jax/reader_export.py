@@ -1,0 +1,234 @@
+"""Writes a reader as a Hugging Face T5 folder, and the model card of a pre-trained one.
+
+    save_reader(reader, folder)        # config.json + model.safetensors (+ spiece.model)
+    atlas-jax reader export --run MODEL_DIR --out atlas_jax/readers/ledger_t5
+
+The folder is what `load_reader` reads (and what `transformers.T5ForConditionalGeneration
+.from_pretrained` reads: the names and layouts are Hugging Face's). The export of a
+pre-training run adds `model_card.json` (data, objectives, steps, wall time, held-out copy
+accuracy per field, parameter shapes, vocabulary size, sha256 of the files) and a
+human-readable `README.md`. Every file is written to a temporary folder first and moved into
+place whole, and an existing `--out` is replaced only when it holds a model card of ours.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CARD = "model_card.json"
+CARD_FORMAT = "atlas-jax-reader-card/1"
+
+_ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
+                      ("gelu_exact",): "gelu", ("relu", "linear"): "gated-relu",
+                      ("silu", "linear"): "gated-silu", ("silu",): "silu"}
+
+
+def hf_config(config) -> dict:
+    """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields)."""
+    activations = tuple(config.mlp_activations)
+    if activations not in _ACTIVATIONS_TO_HF:
+        raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+        "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+        "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
+        "feed_forward_proj": _ACTIVATIONS_TO_HF[activations],
+        "is_gated_act": len(activations) > 1,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "layer_norm_epsilon": config.layer_norm_epsilon, "dropout_rate": 0.0,
+        "tie_word_embeddings": bool(config.logits_via_embedding),
+        "scale_decoder_outputs": bool(config.scale_decoder_outputs),
+        "pad_token_id": config.pad_id, "eos_token_id": config.eos_id,
+        "decoder_start_token_id": config.decoder_start_id,
+    }
+
+
+def hf_tensors(reader) -> dict[str, np.ndarray]:
+    """The reader's parameters under Hugging Face T5 names (float32, torch layouts)."""
+    import flax
+    import jax
+
+    from atlas_jax import weights
+    params = flax.linen.meta.unbox(reader.params)
+    flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for ours, (theirs, transform) in weights.t5_hf_mapping(reader.config).items():
+        # Both transforms are their own inverses (identity, transpose).
+        out[theirs] = np.ascontiguousarray(transform(flat.pop(ours)))
+    if reader.config.logits_via_embedding:
+        out["lm_head.weight"] = out["shared.weight"]
+    out["encoder.embed_tokens.weight"] = out["shared.weight"]
+    out["decoder.embed_tokens.weight"] = out["shared.weight"]
+    if flat:
+        raise ValueError(f"parameters with no Hugging Face name: {sorted(flat)}")
+    return out
+
+
+def save_reader(reader, folder: str | Path, spiece_model: str | Path | None = None) -> Path:
+    """Writes `config.json`, `model.safetensors` and (if given) `spiece.model` into
+    `folder` (created; files of the same names are overwritten)."""
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(reader.config), indent=1) + "\n")
+    tensors = hf_tensors(reader)
+    # safetensors refuses shared memory: one copy per name.
+    save_file({k: np.array(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    if spiece_model is not None:
+        shutil.copyfile(spiece_model, folder / "spiece.model")
+    return folder
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parameter_shapes(reader) -> dict[str, list[int]]:
+    import flax
+    import jax
+    return {"/".join(k.key for k in path): list(np.shape(leaf)) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(flax.linen.meta.unbox(reader.params))[0]}
+
+
+# ----------------------------------------------------------------------------- a run's export
+
+def _run_reader(run_dir: Path):
+    """(Reader at the run's latest checkpoint, spiece.model path, the run's metrics log)."""
+    from atlas_jax import checkpoints, gin_config, reader_pretrain, weights
+    config_gin = run_dir / "config.gin"
+    if not config_gin.is_file():
+        raise FileNotFoundError(f"{config_gin}: not found (is {run_dir} a reader "
+                                "pre-training run?)")
+    gin_config.parse([str(config_gin)], [])
+    config = reader_pretrain.ReaderPretrainConfig(model_dir=str(run_dir))
+    from atlas_jax_tasks import vocab
+    spm = run_dir / "corpus" / "spiece.model"
+    vocabulary = vocab.reader_vocabulary(str(spm))
+    model_config, model = reader_pretrain.make_model(vocabulary)
+    params = reader_pretrain.init_params(model, config.seed)
+    optimizer = reader_pretrain.make_optimizer(config)
+    manager = checkpoints.Checkpoints(run_dir / "checkpoints", config.max_to_keep)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint to export")
+    state, meta = manager.restore(step, {"params": params,
+                                         "opt_state": optimizer.init(params)})
+    manager.close()
+    log = checkpoints.MetricsLog(run_dir, tensorboard=False).read()
+    return weights.Reader(model_config, state["params"]), spm, config, meta, log
+
+
+def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dict:
+    """The card of an exported pre-trained reader (see the module docstring)."""
+    summary_path = Path(config.model_dir) / "corpus" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    heldout = [r for r in log if any(k.startswith("heldout/") for k in r)]
+    losses = [r for r in log if "loss" in r]
+    return {
+        "format": CARD_FORMAT,
+        "name": folder.name,
+        "architecture": "T5 v1.1 (gated GELU, untied output layer), Fusion-in-Decoder reader",
+        "config": hf_config(reader.config),
+        "parameters": int(sum(np.prod(s) for s in parameter_shapes(reader).values())),
+        "parameter_shapes": parameter_shapes(reader),
+        "vocabulary": {"file": "spiece.model", "size_with_sentinels":
+                       int(summary.get("spm_pieces", 0)), "split_digits": config.split_digits,
+                       "sentinels": 100},
+        "data": {"ledgers": summary.get("ledgers"),
+                 "heldout_ledger": summary.get("heldout_ledger"),
+                 "examples": summary.get("examples"),
+                 "generator": "beancount bean-example (write_example_ledger)",
+                 "never_used": "QA templates, questions or answers of any split"},
+        "objectives": {
+            "read": "multi-passage reading: one field of an entry named, two others as cues, "
+                    f"the entry among {config.n_passages - 1} distractors",
+            "salient": "salient-span masking of an entry field (REALM), among the same "
+                       "distractors",
+            "span": "T5 span corruption of an entry (density 0.15, mean span 3)",
+            "prefix": "prefix LM of an entry"},
+        "mixture": {"read_fraction": config.read_fraction,
+                    "span_fraction": config.span_fraction, "lm_weight": config.lm_weight},
+        "training": {"steps": int(meta.get("step", 0)), "wall_s": round(meta.get("wall_s",
+                                                                               0.0), 1),
+                     "batch_size": config.batch_size, "n_passages": config.n_passages,
+                     "lm_batch_size": config.lm_batch_size,
+                     "learning_rate": config.learning_rate,
+                     "schedule": f"warmup {config.warmup_steps}, cosine to "
+                                 f"{config.end_learning_rate_fraction} x",
+                     "seed": config.seed,
+                     "final_loss": losses[-1]["loss"] if losses else None,
+                     "hardware": "2 CPU cores"},
+        "heldout_copy_accuracy": ({k.split("/", 1)[1]: v for k, v in heldout[-1].items()
+                                   if k.startswith("heldout/")} if heldout else {}),
+        "heldout_copy_accuracy_step": heldout[-1]["step"] if heldout else None,
+        "files": {name: sha256(folder / name) for name in ("model.safetensors",
+                                                             "spiece.model", "config.json")},
+    }
+
+
+def card_markdown(card: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card["heldout_copy_accuracy"].items())
+    ledgers = ", ".join(f"seed {x['seed']} {x['start']}..{x['end']}"
+                        for x in card["data"]["ledgers"] or [])
+    t = card["training"]
+    return (f"# {card['name']}: the atlas-jax ledger reader\n\n"
+            f"{card['architecture']}; {card['parameters']:,} parameters "
+            f"({card['config']['num_layers']}+{card['config']['num_decoder_layers']} layers, "
+            f"{card['config']['d_model']} wide); SentencePiece vocabulary of "
+            f"{card['vocabulary']['size_with_sentinels']} pieces with 100 sentinels, one piece "
+            f"per digit.\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
+            f"--gin_file=runs/reader_pretrain.gin`) for {t['steps']} steps "
+            f"({t['wall_s'] / 60:.0f} min on {t['hardware']}), unsupervised only, on "
+            f"Beancount ledgers generated with {ledgers}. Never trained on a QA template, "
+            f"question or answer.\n\nObjectives: "
+            + "; ".join(f"**{k}**: {v}" for k, v in card["objectives"].items())
+            + f".\n\nHeld-out copy accuracy (exact match, ledger seed "
+            f"{card['data']['heldout_ledger']['seed']}, the entry among "
+            f"{t['n_passages'] - 1} distractors, step {card['heldout_copy_accuracy_step']}):"
+            f"\n\n| field | accuracy |\n| --- | --- |\n{rows}\n\n"
+            f"Files and sha256: see `model_card.json`.\n")
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> dict:
+    """Exports a pre-training run's latest checkpoint with its card into `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not (out / CARD).is_file():
+        raise FileExistsError(f"{out}: exists and is not an exported reader (no {CARD}); "
+                              "choose another --out")
+    reader, spm, config, meta, log = _run_reader(run_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_reader(reader, tmp, spm)
+    card = model_card(reader, tmp, config, meta, log)
+    card["name"] = out.name
+    (tmp / CARD).write_text(json.dumps(card, indent=1) + "\n")
+    (tmp / "README.md").write_text(card_markdown(card))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return card
+
+
+def main(args: Any) -> int:
+    try:
+        card = export_run(args.run_dir, args.out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"atlas-jax reader export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "steps": card["training"]["steps"],
+                      "heldout_copy_accuracy": card["heldout_copy_accuracy"]}))
+    return 0

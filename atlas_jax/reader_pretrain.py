@@ -1,0 +1,299 @@
+"""Reader pre-training: the T5 reader (and its SentencePiece vocabulary) the package ships.
+
+    atlas-jax reader pretrain --gin_file=runs/reader_pretrain.gin --gin.MODEL_DIR="'/tmp/r'"
+    atlas-jax reader export --run /tmp/r --out atlas_jax/readers/ledger_t5
+    make reader                                   # both, into the package
+
+Atlas starts from a pre-trained T5 that already reads; none can be downloaded here, so this
+module makes one, with unsupervised objectives only, over Beancount ledgers generated with
+seeds and years no evaluation uses (`atlas_jax_tasks.reader_corpus`): multi-passage reading
+of entry fields among hard distractors, salient-span masking, T5 span corruption and prefix
+LM (`atlas_jax_tasks.reader_batches`). Batches are a function of (seed, step); parameters and
+AdamW state are orbax checkpoints under MODEL_DIR/checkpoints, so a relaunch resumes exactly.
+MODEL_DIR/metrics.jsonl has the losses and, every `eval_every` steps, the copy accuracy per
+field on a held-out ledger (the source entry among `n_passages - 1` distractors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ReaderPretrainConfig:
+    """One pre-training run (gin/runs/reader_pretrain.gin). The model is `t5.T5Config`."""
+    model_dir: str = gin.REQUIRED
+    train_steps: int = 4000
+    seed: int = 0
+    learning_rate: float = 2e-3
+    warmup_steps: int = 200
+    end_learning_rate_fraction: float = 0.1   # cosine decay to this fraction at train_steps
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    lm_weight: float = 0.5                    # span / prefix-LM loss weight
+    spm_vocab_size: int = 2000                # pieces before the 100 sentinels
+    split_digits: bool = True                 # numbers and years copied digit by digit
+    batch_size: int = 24
+    n_passages: int = 4
+    input_length: int = 160
+    target_length: int = 32
+    lm_batch_size: int = 16
+    lm_input_length: int = 96
+    lm_target_length: int = 48
+    read_fraction: float = 0.7
+    span_fraction: float = 0.5
+    max_question_tokens: int = 72             # longer masked entries are left out
+    checkpoint_every: int = 250
+    max_to_keep: int = 2
+    log_every: int = 25
+    eval_every: int = 1000
+    eval_per_field: int = 64
+    # (seed, start, end, birth) of the training ledgers and the held-out one; None: the
+    # defaults of atlas_jax_tasks.reader_corpus (PRETRAIN_LEDGERS, HELDOUT_LEDGER).
+    ledgers: tuple | None = None
+    heldout_ledger: tuple | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.model_dir)
+
+    def sizes(self):
+        from atlas_jax_tasks.reader_batches import BatchSizes
+        return BatchSizes(self.batch_size, self.n_passages, self.input_length,
+                          self.target_length, self.lm_batch_size, self.lm_input_length,
+                          self.lm_target_length, self.read_fraction, self.span_fraction)
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_corpus(config: ReaderPretrainConfig):
+    """Ledgers, vocabulary and tokenized corpora (training, held-out) under MODEL_DIR/corpus.
+
+    Returns:
+      (vocabulary, training TokenizedCorpus, held-out TokenizedCorpus, corpus summary dict)
+    """
+    from atlas_jax_tasks import reader_batches, reader_corpus, vocab
+    folder = config.run_dir / "corpus"
+    specs = tuple(config.ledgers or reader_corpus.PRETRAIN_LEDGERS)
+    heldout_spec = tuple(config.heldout_ledger or reader_corpus.HELDOUT_LEDGER)
+    ledgers = reader_corpus.generate_ledgers(folder, specs)
+    heldout = reader_corpus.generate_ledgers(folder, (heldout_spec,))
+    records = [reader_corpus.read_passages(path) for _, path in ledgers]
+    spm = folder / "spiece.model"
+    if not spm.is_file():
+        # The entries, plus one round of probe texts (the date and amount surface forms).
+        rng = random.Random(config.seed)
+        texts = [f"{r['title']} {r['text']}" for rs in records for r in rs]
+        texts += [e.question for rs in records
+                  for e in reader_corpus.reading_examples(rs, rng, "read")]
+        tmp = folder / "spiece.tmp.model"
+        vocab.train_reader_spiece(texts, tmp, vocab_size=config.spm_vocab_size,
+                                  split_digits=config.split_digits)
+        tmp.replace(spm)
+    vocabulary = vocab.reader_vocabulary(str(spm))
+    train = reader_batches.TokenizedCorpus.build(records, vocabulary, config.seed,
+                                                 config.max_question_tokens)
+    held = reader_batches.TokenizedCorpus.build(
+        [reader_corpus.read_passages(heldout[0][1])], vocabulary, config.seed + 1,
+        config.max_question_tokens)
+    summary = {"ledgers": [{"seed": s, "start": a, "end": b, "passages": len(r)} for
+                           (s, a, b, _), r in zip(specs, records)],
+               "heldout_ledger": dict(zip(("seed", "start", "end"), heldout_spec[:3])),
+               "examples": {k: len(p) for k, p in train.pools.items()},
+               "spm_pieces": vocabulary.vocab_size}
+    return vocabulary, train, held, summary
+
+
+def padded_vocab_size(vocabulary) -> int:
+    return -(-vocabulary.vocab_size // 128) * 128
+
+
+# ----------------------------------------------------------------------------- model
+
+def make_model(vocabulary):
+    from atlas_jax.models import fid, t5
+    config = dataclasses.replace(t5.T5Config(), vocab_size=padded_vocab_size(vocabulary),
+                                 dropout_rate=0.0)
+    return config, fid.FusionInDecoder(config)
+
+
+def init_params(model, seed: int):
+    import flax
+    params = model.init(jax.random.key(seed), jnp.ones((1, 1, 4), jnp.int32),
+                        jnp.ones((1, 2), jnp.int32))["params"]
+    return flax.linen.meta.unbox(params)
+
+
+def make_optimizer(config: ReaderPretrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(config.train_steps,
+                                                            config.warmup_steps + 1),
+        config.learning_rate * config.end_learning_rate_fraction)
+    decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, x: x.ndim > 1 and "embedding" not in jax.tree_util.keystr(path), p)
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                       optax.adamw(schedule, weight_decay=config.weight_decay,
+                                   mask=decay_mask))
+
+
+def _nll(model, params, inputs, targets):
+    decoder_input = jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    logits = model.apply({"params": params}, inputs, decoder_input)
+    mask = (targets != 0).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def make_train_step(model, optimizer, lm_weight: float):
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            reading = _nll(model, p, batch["inputs"], batch["targets"])
+            lm = _nll(model, p, batch["lm_inputs"], batch["lm_targets"])
+            return reading + lm_weight * lm, (reading, lm)
+        (loss, (reading, lm)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": loss, "reading_loss": reading, "lm_loss": lm,
+                   "grad_norm": optax.tree.norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, metrics
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def copy_accuracy(reader, corpus, vocabulary, config: ReaderPretrainConfig,
+                  with_distractors: bool = True, seed: int = 0) -> dict[str, float]:
+    """Exact-match rate of the greedy answer per field on `corpus`' examples (at most
+    `eval_per_field` per field), the source among `n_passages - 1` distractors (or alone)."""
+    from atlas_jax import evaluation
+    rng = random.Random(seed)
+    chosen: list[tuple[str, Any, int]] = []
+    for kind, pool in corpus.pools.items():
+        by_field: dict[str, list[int]] = {}
+        for i, field in enumerate(pool.fields):
+            by_field.setdefault(field if kind == "read" else field, []).append(i)
+        for field, rows in sorted(by_field.items()):
+            for i in rng.sample(rows, min(config.eval_per_field, len(rows))):
+                chosen.append((f"{kind}/{field}", pool, i))
+    hits: dict[str, list[float]] = {}
+    n_passages = config.n_passages if with_distractors else 1
+    for start in range(0, len(chosen), 32):
+        part = chosen[start:start + 32]
+        inputs = np.stack([corpus.reading_row(pool, i, n_passages, config.input_length, rng,
+                                              with_distractors)[0] for _, pool, i in part])
+        tokens = reader.generate(inputs, max_length=config.target_length)
+        for (name, pool, i), row in zip(part, tokens):
+            predicted = _strip(vocabulary.decode([int(t) for t in row if t > 1]))
+            answer = vocabulary.decode([int(t) for t in pool.answers[i]])
+            hits.setdefault(name, []).append(evaluation.exact_match(predicted, [answer]))
+    return {name: float(np.mean(v)) for name, v in sorted(hits.items())}
+
+
+def _strip(text: str) -> str:
+    return text.replace("<extra_id_0>", "").strip()
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(config: ReaderPretrainConfig) -> dict:
+    """Runs (or resumes) pre-training to `train_steps`; returns the last metrics record."""
+    from atlas_jax import checkpoints, weights
+    began = time.perf_counter()
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "config.gin").write_text(gin.config_str())   # what `export` re-reads
+    vocabulary, corpus, heldout, summary = prepare_corpus(config)
+    (config.run_dir / "corpus" / "summary.json").write_text(json.dumps(summary, indent=1))
+    model_config, model = make_model(vocabulary)
+    optimizer = make_optimizer(config)
+    params = init_params(model, config.seed)
+    opt_state = optimizer.init(params)
+    manager = checkpoints.Checkpoints(config.run_dir / "checkpoints", config.max_to_keep)
+    log = checkpoints.MetricsLog(config.run_dir, tensorboard=False)
+    start, wall = 0, 0.0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        state, meta = manager.restore(start, {"params": params, "opt_state": opt_state})
+        params, opt_state, wall = state["params"], state["opt_state"], meta.get("wall_s", 0.0)
+    log.truncate_after(start)
+    step_fn = make_train_step(model, optimizer, config.lm_weight)
+    sizes = config.sizes()
+    print(f"reader pre-training: {sum(np.size(x) for x in jax.tree.leaves(params)):,} "
+          f"parameters, vocabulary {vocabulary.vocab_size}, examples {summary['examples']}, "
+          f"from step {start} to {config.train_steps}", flush=True)
+    record: dict = {}
+    mark, sums = time.perf_counter(), {}
+    for step in range(start, config.train_steps):
+        batch = corpus.batch(step, config.seed, sizes)
+        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.train_steps:
+            count = (done - 1) % config.log_every + 1
+            elapsed = time.perf_counter() - mark
+            wall += elapsed
+            record = log.write(done, {**{k: v / count for k, v in sums.items()},
+                                      "step_s": elapsed / count, "wall_s": wall})
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in record.items()}), flush=True)
+            mark, sums = time.perf_counter(), {}
+        if done % config.eval_every == 0 or done == config.train_steps:
+            reader = weights.Reader(model_config, params)
+            accuracy = copy_accuracy(reader, heldout, vocabulary, config)
+            record = log.write(done, {f"heldout/{k}": v for k, v in accuracy.items()})
+            print(json.dumps(record), flush=True)
+            mark = time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == config.train_steps:
+            manager.save(done, {"params": params, "opt_state": opt_state},
+                         {"step": done, "wall_s": wall, "seed": config.seed})
+            mark = time.perf_counter()
+    manager.close()
+    log.close()
+    record["run_s"] = time.perf_counter() - began
+    return record
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="reader_command", required=True)
+    pretrain = sub.add_parser("pretrain", help="pre-train the reader (gin flags)")
+    pretrain.set_defaults(run=_run_pretrain, takes_gin_flags=True, gin_flags=[])
+    export = sub.add_parser("export", help="write a run's reader as a Hugging Face T5 folder "
+                            "with its vocabulary and model card")
+    export.add_argument("--run", dest="run_dir", required=True,
+                        help="the pre-training MODEL_DIR")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(run=_run_export, takes_gin_flags=False)
+
+
+def _run_pretrain(args) -> int:
+    import sys
+
+    from atlas_jax import gin_config
+    from atlas_jax.train_commands import _gin_arguments
+    try:
+        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        gin_config.parse(files or ["runs/reader_pretrain.gin"], bindings, paths)
+        config = ReaderPretrainConfig()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"atlas-jax reader pretrain: {e}", file=sys.stderr)
+        return 2
+    record = train(config)
+    print(json.dumps(record))
+    return 0
+
+
+def _run_export(args) -> int:
+    from atlas_jax import reader_export
+    return reader_export.main(args)

@@ -1,0 +1,113 @@
+"""Reader pre-training data: generated ledgers, probes, distractors, span corruption, batches."""
+import random
+
+import numpy as np
+import pytest
+
+from atlas_jax_tasks import reader_batches, reader_corpus, vocab
+
+LEDGER = (1201, "2010-01-01", "2010-06-30", "1980-01-01")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reader_corpus")
+    [(name, path)] = reader_corpus.generate_ledgers(folder, (LEDGER,))
+    records = reader_corpus.read_passages(path)
+    rng = random.Random(0)
+    texts = [f"{r['title']} {r['text']}" for r in records]
+    texts += [e.question for e in reader_corpus.reading_examples(records, rng, "read")]
+    vocabulary = vocab.train_reader_spiece(texts, folder / "spiece.model", vocab_size=400,
+                                           split_digits=True)
+    return records, vocabulary, reader_batches.TokenizedCorpus.build([records], vocabulary)
+
+
+def test_evaluated_ledgers_are_never_pretrained_on():
+    # The demo (seed 0), the README (seed 0) and the tests (seeds 0, 3) evaluate on other
+    # ledgers; the held-out ledger of the card is not in the training set either.
+    seeds = {s for s, *_ in reader_corpus.PRETRAIN_LEDGERS}
+    assert not seeds & {0, 3, reader_corpus.HELDOUT_LEDGER[0]}
+    for _, start, end, _ in reader_corpus.PRETRAIN_LEDGERS:
+        assert end < "2019-01-01", (start, end)
+
+
+def test_probes_name_a_field_give_cues_and_never_the_answer(corpus):
+    records, _, _ = corpus
+    examples = reader_corpus.reading_examples(records, random.Random(1), "read")
+    fields = {e.field for e in examples}
+    assert {"payee", "amount", "account", "balance"} <= fields
+    for e in examples:
+        assert e.question.startswith(f"{e.field}: ? date: ")
+        assert e.answer and e.answer not in e.question.split("date:", 1)[1].split()[-1:]
+        record = records[e.source]
+        number = e.answer.split()[0]
+        assert number in record["text"] or e.answer in record["text"], (e, record["text"])
+        assert f"{e.field}:" not in e.question.split("?", 1)[1]   # never a cue of itself
+        if e.field == "amount":
+            assert number not in e.question
+
+
+def test_distractors_are_other_entries_and_hard(corpus):
+    records, _, _ = corpus
+    table = reader_corpus.Distractors(records)
+    rng = random.Random(0)
+    same_day = 0
+    for row in range(0, len(records), 7):
+        chosen = table.sample(row, 3, rng)
+        assert len(chosen) == 3 and len(set(chosen)) == 3 and row not in chosen
+        same_day += any(records[c]["metadata"]["date"] == records[row]["metadata"]["date"]
+                        for c in chosen)
+    assert same_day > 0
+
+
+def test_reading_rows_put_the_source_at_a_random_position(corpus):
+    records, vocabulary, tokenized = corpus
+    pool = tokenized.pools["read"]
+    rng = random.Random(0)
+    positions = []
+    for index in range(0, len(pool), max(1, len(pool) // 80)):
+        inputs, position = tokenized.reading_row(pool, index, 4, 160, rng)
+        positions.append(position)
+        source = records[int(pool.source[index])]
+        text = vocabulary.decode([int(t) for t in inputs[position] if t > 1])
+        assert text.startswith("question: ") and "answer: <extra_id_0>" in text
+        assert source["title"] in text
+    assert set(positions) == {0, 1, 2, 3}
+
+
+def test_span_corruption_and_prefix_lm_rebuild_the_entry(corpus):
+    _, _, tokenized = corpus
+    rng = np.random.default_rng(0)
+    sentinels = set(tokenized.sentinels)
+    for tokens in tokenized.texts[0][:40]:
+        tokens = tokens[:60]
+        inputs, targets = tokenized.span_corruption(tokens, 96, 48, rng)
+        ins = list(inputs[:list(inputs).index(1)])
+        outs = list(targets[:list(targets).index(1)])
+        spans, current = {}, None
+        for t in outs:
+            if t in sentinels:
+                current = t
+                spans[t] = []
+            else:
+                spans[current].append(t)
+        rebuilt = [x for t in ins for x in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == list(tokens)
+        assert 0 < sum(len(v) for v in spans.values()) < len(tokens)
+        prefix, rest = tokenized.prefix_lm(tokens, 96, 48, rng)
+        joined = list(prefix[:list(prefix).index(1)]) + list(rest[:list(rest).index(1)])
+        assert joined == list(tokens)
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus):
+    _, _, tokenized = corpus
+    sizes = reader_batches.BatchSizes(batch_size=4, lm_batch_size=2)
+    a, b = tokenized.batch(5, 0, sizes), tokenized.batch(5, 0, sizes)
+    c = tokenized.batch(6, 0, sizes)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["inputs"], c["inputs"])
+    assert a["inputs"].shape == (4, 4, 128) and a["lm_inputs"].shape == (2, 1, 96)
+    # Every target starts with the sentinel and ends with EOS.
+    assert (a["targets"][:, 0] == tokenized.sentinels[0]).all()
+    assert ((a["targets"] == 1).sum(axis=1) == 1).all()

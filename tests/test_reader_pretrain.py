@@ -1,0 +1,103 @@
+"""`atlas-jax reader pretrain` / `export` on a tiny model and one small ledger: the losses fall,
+a relaunch resumes exactly, the export loads with `load_reader` and carries its card."""
+import json
+import shutil
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from atlas_jax import checkpoints, cli, gin_config, reader_export, reader_pretrain, weights
+
+TINY = ["t5.T5Config.emb_dim = 32", "t5.T5Config.num_heads = 2", "t5.T5Config.head_dim = 16",
+        "t5.T5Config.mlp_dim = 64", "t5.T5Config.num_encoder_layers = 1",
+        "t5.T5Config.num_decoder_layers = 1",
+        "ReaderPretrainConfig.ledgers = ((1201, '2010-01-01', '2010-04-30', '1980-01-01'),)",
+        "ReaderPretrainConfig.heldout_ledger = (1202, '2011-01-01', '2011-03-31', '1980-01-01')",
+        "ReaderPretrainConfig.spm_vocab_size = 300", "ReaderPretrainConfig.batch_size = 4",
+        "ReaderPretrainConfig.lm_batch_size = 2", "ReaderPretrainConfig.warmup_steps = 2",
+        "ReaderPretrainConfig.learning_rate = 3e-3", "ReaderPretrainConfig.log_every = 2",
+        "ReaderPretrainConfig.checkpoint_every = 4", "ReaderPretrainConfig.max_to_keep = 5",
+        "ReaderPretrainConfig.eval_every = 8", "ReaderPretrainConfig.eval_per_field = 2"]
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config(clear_constants=True)
+
+
+def _config(model_dir, steps):
+    gin_config.parse(["runs/reader_pretrain.gin"], TINY + [f"MODEL_DIR = '{model_dir}'",
+                                                           f"TRAIN_STEPS = {steps}"])
+    return reader_pretrain.ReaderPretrainConfig()
+
+
+def _params(run_dir, step):
+    manager = checkpoints.Checkpoints(run_dir / "checkpoints")
+    state = manager.manager.restore(step)
+    manager.close()
+    return state["state"]["params"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reader") / "run"
+    record = reader_pretrain.train(_config(run_dir, 8))
+    gin.clear_config(clear_constants=True)
+    return run_dir, record
+
+
+def test_losses_fall_and_heldout_accuracy_is_logged(run):
+    run_dir, record = run
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8]
+    assert losses[-1] < losses[0]
+    heldout = [r for r in log if any(k.startswith("heldout/") for k in r)]
+    assert heldout and {"heldout/read/amount", "heldout/read/payee"} <= set(heldout[-1])
+    summary = json.loads((run_dir / "corpus" / "summary.json").read_text())
+    assert summary["ledgers"][0]["seed"] == 1201 and summary["heldout_ledger"]["seed"] == 1202
+
+
+def test_relaunch_resumes_exactly(run, tmp_path):
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "8")
+    reader_pretrain.train(_config(copy, 8))
+    for a, b in zip(jax.tree.leaves(_params(run_dir, 8)), jax.tree.leaves(_params(copy, 8))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").open()]
+    assert steps.count(6) == 1 and steps.count(8) == 2     # a loss record and an eval record
+
+
+def test_export_loads_with_its_card(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "tiny_reader"
+    assert cli.main(["reader", "export", "--run", str(run_dir), "--out", str(out)]) == 0
+    reader = weights.load_reader(out)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["format"] == reader_export.CARD_FORMAT and card["training"]["steps"] == 8
+    assert reader_export.parameter_shapes(reader) == card["parameter_shapes"]
+    assert card["data"]["ledgers"][0]["seed"] == 1201
+    np.testing.assert_allclose(
+        np.asarray(reader.params["decoder"]["logits_dense"]["kernel"]),
+        np.asarray(_params(run_dir, 8)["decoder"]["logits_dense"]["kernel"]), atol=0)
+    # again into the same folder: replaced (it is an export); a foreign folder is refused
+    assert cli.main(["reader", "export", "--run", str(run_dir), "--out", str(out)]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert cli.main(["reader", "export", "--run", str(run_dir), "--out", str(foreign)]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert cli.main(["reader", "export", "--run", str(tmp_path / "nothing"), "--out",
+                     str(tmp_path / "x")]) == 2
+
+
+def test_bad_binding_is_named(tmp_path, capsys):
+    assert cli.main(["reader", "pretrain", "--gin_file=runs/reader_pretrain.gin",
+                     f"--gin.MODEL_DIR='{tmp_path}'",
+                     "--gin.ReaderPretrainConfig.no_such=1"]) == 2
+    assert "no_such" in capsys.readouterr().err

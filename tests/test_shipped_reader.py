@@ -1,0 +1,84 @@
+"""The reader shipped in the package (`atlas_jax/readers/ledger_t5`, made by `make reader`):
+its files load, its model card matches them, it reads entries it was never trained on, and
+transformers reads the same weights."""
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+
+import atlas_jax
+from atlas_jax import gin_config, reader_export, reader_pretrain, weights
+
+FOLDER = Path(atlas_jax.__file__).parent / "readers" / "ledger_t5"
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return weights.load_reader("package:ledger_t5"), json.loads(
+        (FOLDER / "model_card.json").read_text())
+
+
+def test_files_and_card_match(shipped):
+    reader, card = shipped
+    assert reader.path == FOLDER and reader.spiece_model == FOLDER / "spiece.model"
+    for name, digest in card["files"].items():
+        assert hashlib.sha256((FOLDER / name).read_bytes()).hexdigest() == digest, name
+    assert reader_export.parameter_shapes(reader) == card["parameter_shapes"]
+    assert card["config"] == json.loads((FOLDER / "config.json").read_text())
+    from atlas_jax_tasks import vocab
+    vocabulary = vocab.reader_vocabulary(str(reader.spiece_model))
+    assert vocabulary.vocab_size == card["vocabulary"]["size_with_sentinels"]
+    assert reader.config.vocab_size == reader_pretrain.padded_vocab_size(vocabulary)
+    # tens of MB at most
+    assert sum(p.stat().st_size for p in FOLDER.iterdir()) < 40 * 2 ** 20
+    assert card["training"]["steps"] > 0 and card["heldout_copy_accuracy"]
+    assert "| field | accuracy |" in (FOLDER / "README.md").read_text()
+
+
+def test_gin_model_file_describes_it(shipped):
+    reader, _ = shipped
+    gin_config.parse(["models/ledger_reader.gin"],
+                     ["weights.build_reader.checkpoint = 'package:ledger_t5'"])
+    built = weights.build_reader()        # checks every shape binding against the folder
+    assert dataclasses.replace(built.config, dropout_rate=0.1) == dataclasses.replace(
+        reader.config, dropout_rate=0.1)
+
+
+def test_it_reads_entries_of_a_ledger_it_never_saw(shipped, tmp_path):
+    """Copy accuracy on a ledger of a seed no training run used (the entry among three
+    distractors), against the same fields with the wrong entries only."""
+    from atlas_jax_tasks import reader_batches, reader_corpus, vocab
+    reader, card = shipped
+    [(_, path)] = reader_corpus.generate_ledgers(tmp_path, ((4242, "2024-01-01", "2024-06-30",
+                                                            "1970-01-01"),))
+    vocabulary = vocab.reader_vocabulary(str(reader.spiece_model))
+    corpus = reader_batches.TokenizedCorpus.build([reader_corpus.read_passages(path)],
+                                                  vocabulary)
+    config = reader_pretrain.ReaderPretrainConfig(model_dir=str(tmp_path), eval_per_field=12)
+    accuracy = reader_pretrain.copy_accuracy(reader, corpus, vocabulary, config)
+    for field in ("read/amount", "read/payee", "read/account", "read/balance"):
+        assert accuracy[field] >= 0.5, accuracy
+
+
+def test_transformers_reads_the_same_weights(shipped):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    reader, _ = shipped
+    model = transformers.T5ForConditionalGeneration.from_pretrained(str(FOLDER))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 500, (2, 24))
+    decoder = rng.integers(2, 500, (2, 6))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(decoder)
+                       ).logits.numpy()
+    np.testing.assert_allclose(reader.logits(ids, decoder), theirs, atol=2e-4, rtol=1e-4)
