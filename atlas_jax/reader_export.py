@@ -86,6 +86,8 @@ def save_reader(reader, folder: str | Path, spiece_model: str | Path | None = No
               metadata={"format": "pt"})
     if spiece_model is not None:
         shutil.copyfile(spiece_model, folder / "spiece.model")
+    for path in folder.iterdir():
+        path.chmod(0o644)       # safetensors writes 0600; the files ship in a package
     return folder
 
 
@@ -189,8 +191,8 @@ def card_markdown(card: dict) -> str:
             f"{card['architecture']}; {card['parameters']:,} parameters "
             f"({card['config']['num_layers']}+{card['config']['num_decoder_layers']} layers, "
             f"{card['config']['d_model']} wide); SentencePiece vocabulary of "
-            f"{card['vocabulary']['size_with_sentinels']} pieces with 100 sentinels, one piece "
-            f"per digit.\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
+            f"{card['vocabulary']['size_with_sentinels']} ids (100 of them sentinels), one "
+            f"piece per digit.\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
             f"--gin_file=runs/reader_pretrain.gin`) for {t['steps']} steps "
             f"({t['wall_s'] / 60:.0f} min on {t['hardware']}), unsupervised only, on "
             f"Beancount ledgers generated with {ledgers}. Never trained on a QA template, "

@@ -53,6 +53,9 @@ class ReaderPretrainConfig:
     lm_target_length: int = 48
     read_fraction: float = 0.7
     span_fraction: float = 0.5
+    alone_steps: int = 0                      # curriculum (reader_batches.BatchSizes)
+    ramp_steps: int = 0
+    full_fraction: float = 1.0
     max_question_tokens: int = 72             # longer masked entries are left out
     checkpoint_every: int = 250
     max_to_keep: int = 2
@@ -72,7 +75,8 @@ class ReaderPretrainConfig:
         from atlas_jax_tasks.reader_batches import BatchSizes
         return BatchSizes(self.batch_size, self.n_passages, self.input_length,
                           self.target_length, self.lm_batch_size, self.lm_input_length,
-                          self.lm_target_length, self.read_fraction, self.span_fraction)
+                          self.lm_target_length, self.read_fraction, self.span_fraction,
+                          self.alone_steps, self.ramp_steps, self.full_fraction)
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,14 +178,15 @@ def make_train_step(model, optimizer, lm_weight: float):
 def copy_accuracy(reader, corpus, vocabulary, config: ReaderPretrainConfig,
                   with_distractors: bool = True, seed: int = 0) -> dict[str, float]:
     """Exact-match rate of the greedy answer per field on `corpus`' examples (at most
-    `eval_per_field` per field), the source among `n_passages - 1` distractors (or alone)."""
+    `eval_per_field` per field), the source among `n_passages - 1` distractors (or alone,
+    in a batch of one passage)."""
     from atlas_jax import evaluation
     rng = random.Random(seed)
     chosen: list[tuple[str, Any, int]] = []
     for kind, pool in corpus.pools.items():
         by_field: dict[str, list[int]] = {}
         for i, field in enumerate(pool.fields):
-            by_field.setdefault(field if kind == "read" else field, []).append(i)
+            by_field.setdefault(field, []).append(i)
         for field, rows in sorted(by_field.items()):
             for i in rng.sample(rows, min(config.eval_per_field, len(rows))):
                 chosen.append((f"{kind}/{field}", pool, i))
@@ -190,7 +195,7 @@ def copy_accuracy(reader, corpus, vocabulary, config: ReaderPretrainConfig,
     for start in range(0, len(chosen), 32):
         part = chosen[start:start + 32]
         inputs = np.stack([corpus.reading_row(pool, i, n_passages, config.input_length, rng,
-                                              with_distractors)[0] for _, pool, i in part])
+                                              n_passages - 1)[0] for _, pool, i in part])
         tokens = reader.generate(inputs, max_length=config.target_length)
         for (name, pool, i), row in zip(part, tokens):
             predicted = _strip(vocabulary.decode([int(t) for t in row if t > 1]))
@@ -250,7 +255,9 @@ def train(config: ReaderPretrainConfig) -> dict:
         if done % config.eval_every == 0 or done == config.train_steps:
             reader = weights.Reader(model_config, params)
             accuracy = copy_accuracy(reader, heldout, vocabulary, config)
-            record = log.write(done, {f"heldout/{k}": v for k, v in accuracy.items()})
+            alone = copy_accuracy(reader, heldout, vocabulary, config, with_distractors=False)
+            record = log.write(done, {**{f"heldout/{k}": v for k, v in accuracy.items()},
+                                      **{f"heldout_alone/{k}": v for k, v in alone.items()}})
             print(json.dumps(record), flush=True)
             mark = time.perf_counter()
         if done % config.checkpoint_every == 0 or done == config.train_steps:

@@ -37,6 +37,23 @@ class BatchSizes:
     lm_target_length: int = 48
     read_fraction: float = 0.7    # reading rows that are probes (the rest salient)
     span_fraction: float = 0.5    # lm rows that are span corruption (the rest prefix LM)
+    # Curriculum: a FiD reader learns to copy from one passage in a few hundred steps, but
+    # does not learn it at all when every example has distractors from the start (measured
+    # on the synthetic task and on ledgers). Until `alone_steps` the source is alone (the
+    # other rows empty); then the share of examples with all n_passages - 1 distractors
+    # rises linearly to `full_fraction` over `ramp_steps`; the others draw 0..K-1.
+    alone_steps: int = 0
+    ramp_steps: int = 0
+    full_fraction: float = 1.0
+
+    def distractors(self, step: int, rng: random.Random) -> int:
+        """The number of distractors of one reading example at `step`."""
+        if step < self.alone_steps:
+            return 0
+        progress = min(1.0, (step - self.alone_steps + 1) / max(self.ramp_steps, 1))
+        if rng.random() < self.full_fraction * progress:
+            return self.n_passages - 1
+        return rng.randrange(self.n_passages)
 
 
 @dataclasses.dataclass
@@ -105,12 +122,13 @@ class TokenizedCorpus:
         return np.concatenate([self.question_head, question, self.prompt_tail])
 
     def reading_row(self, pool: Pool, index: int, n_passages: int, length: int,
-                    rng: random.Random, with_distractors: bool = True
+                    rng: random.Random, distractors: int | None = None
                     ) -> tuple[np.ndarray, int]:
-        """(K, L) reader inputs of one example and the source's position."""
+        """(K, L) reader inputs of one example and the source's position: the source among
+        `distractors` others (default n_passages - 1); the rows past them stay empty."""
         ledger, source = int(pool.ledger[index]), int(pool.source[index])
-        others = (self.distractors[ledger].sample(source, n_passages - 1, rng)
-                  if with_distractors else [])
+        count = n_passages - 1 if distractors is None else distractors
+        others = self.distractors[ledger].sample(source, count, rng) if count else []
         position = rng.randrange(len(others) + 1)
         rows = others[:position] + [source] + others[position:]
         prompt = self.prompt(pool.questions[index])
@@ -170,7 +188,8 @@ class TokenizedCorpus:
             pool = self.pools["read" if rng.random() < sizes.read_fraction else "salient"]
             index = rng.randrange(len(pool))
             inputs[b], _ = self.reading_row(pool, index, sizes.n_passages,
-                                            sizes.input_length, rng)
+                                            sizes.input_length, rng,
+                                            sizes.distractors(step, rng))
             targets[b] = self.target(pool.answers[index], sizes.target_length)
         lm_inputs = np.zeros((sizes.lm_batch_size, 1, sizes.lm_input_length), np.int32)
         lm_targets = np.zeros((sizes.lm_batch_size, sizes.lm_target_length), np.int32)

@@ -111,3 +111,20 @@ def test_batches_are_a_function_of_seed_and_step(corpus):
     # Every target starts with the sentinel and ends with EOS.
     assert (a["targets"][:, 0] == tokenized.sentinels[0]).all()
     assert ((a["targets"] == 1).sum(axis=1) == 1).all()
+
+
+def test_curriculum_starts_alone_then_adds_distractors(corpus):
+    _, _, tokenized = corpus
+    sizes = reader_batches.BatchSizes(batch_size=8, lm_batch_size=1, alone_steps=10,
+                                      ramp_steps=10, full_fraction=0.75)
+    rng = random.Random(0)
+    assert {sizes.distractors(step, rng) for step in range(10) for _ in range(20)} == {0}
+    late = [sizes.distractors(50, rng) for _ in range(2000)]
+    assert 0.75 < late.count(3) / len(late) < 0.85        # 0.75 full + 0.25 x 1/4
+    middle = [sizes.distractors(14, rng) for _ in range(2000)]
+    assert late.count(3) > middle.count(3) > 0
+    # rows past the source and its distractors are empty
+    early = tokenized.batch(0, 0, sizes)["inputs"]
+    assert ((early != 0).any(axis=2).sum(axis=1) == 1).all()
+    full = tokenized.batch(60, 0, sizes)["inputs"]
+    assert ((full != 0).any(axis=2).sum(axis=1) > 1).any()
