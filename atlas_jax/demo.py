@@ -6,9 +6,9 @@ Stages (defaults in gin/runs/demo.gin, `--quick` adds gin/runs/demo_quick.gin):
 
   ledger     generate the ledger QA folder (bean-example, fixed seed, a cutoff date); the
              passages dated before the cutoff are the training corpus, the rest arrive later
-  reader     the pre-trained reader shipped with the package (READER_CHECKPOINT, default
-             `package:ledger_t5`: `make reader` made it, unsupervised, on other ledgers) and
-             its SentencePiece vocabulary; every system starts from it
+  reader     the pre-trained reader shipped with the package (`weights.build_reader.
+             checkpoint`, default `package:ledger_t5`: `make reader` made it, unsupervised,
+             on other ledgers) and its SentencePiece vocabulary; every system starts from it
   pretrain   retrieval-augmented salient-span masking of the pre-cutoff passages (each
              entry's payee, amount, account; atlas_jax_tasks/ledger_salient.py): reader +
              query tower jointly (PDist); the frozen-retriever baseline trains the reader
@@ -25,7 +25,8 @@ candidates, so dense-only candidates would give joint training no signal. System
 
   closed_book       reader fine-tuned without retrieval (question alone)
   frozen_retriever  reader pre-trained and fine-tuned with the retriever frozen at MiniLM
-  no_pretraining    reader + query tower fine-tuned on the 64 questions from scratch
+  no_pretraining    reader + query tower fine-tuned on the 64 questions from the shipped
+                    reader, without the retrieval-augmented pre-training
   joint             reader + query tower pre-trained and fine-tuned jointly; dense retrieval
   joint_hybrid      the same model; hybrid retrieval and parsed filters (strict) at test time
 
@@ -52,7 +53,7 @@ import numpy as np
 DEMO_GIN = "runs/demo.gin"
 QUICK_GIN = "runs/demo_quick.gin"
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
-# stage -> the stage whose parameters it starts from (None: fresh reader, MiniLM retriever)
+# stage -> the stage whose parameters it starts from (None: the shipped reader, MiniLM)
 STAGES = {
     "pretrain_joint": None,
     "pretrain_frozen": None,
@@ -136,8 +137,9 @@ def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
     from atlas_jax import weights
     checkpoint = gin.query_parameter("weights.build_reader.checkpoint")
     if not checkpoint:
-        raise ValueError("the demo starts from a pre-trained reader: bind READER_CHECKPOINT "
-                         "(default 'package:ledger_t5') to a T5 folder with spiece.model")
+        raise ValueError("the demo starts from a pre-trained reader: bind "
+                         "weights.build_reader.checkpoint (default 'package:ledger_t5') to a "
+                         "T5 folder with spiece.model")
     folder = weights.resolve_path(checkpoint)
     source = folder / "spiece.model"
     if not source.is_file():

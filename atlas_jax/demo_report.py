@@ -76,7 +76,7 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
         ax = axes[0] if pretraining else axes[1]
         ax.plot([offset + r["step"] for r in rows], [r["reader_loss"] for r in rows],
                 label=name)
-    task = stages.get("pretrain_reader", {}).get("task", "")
+    task = stages.get("pretrain_joint", stages.get("pretrain_frozen", {})).get("task", "")
     kind = "salient spans" if "salient" in task else "span corruption"
     for ax, title in zip(axes, (f"pre-training ({kind})", "few-shot fine-tuning")):
         ax.set_title(f"reader loss: {title}")

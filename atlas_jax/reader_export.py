@@ -176,6 +176,9 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
                      "hardware": "2 CPU cores"},
         "heldout_copy_accuracy": ({k.split("/", 1)[1]: v for k, v in heldout[-1].items()
                                    if k.startswith("heldout/")} if heldout else {}),
+        "heldout_copy_accuracy_alone": ({k.split("/", 1)[1]: v for k, v in
+                                         heldout[-1].items() if k.startswith("heldout_alone/")}
+                                        if heldout else {}),
         "heldout_copy_accuracy_step": heldout[-1]["step"] if heldout else None,
         "files": {name: sha256(folder / name) for name in ("model.safetensors",
                                                              "spiece.model", "config.json")},
@@ -183,7 +186,9 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
 
 
 def card_markdown(card: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card["heldout_copy_accuracy"].items())
+    alone = card.get("heldout_copy_accuracy_alone", {})
+    rows = "\n".join(f"| {k} | {v:.3f} | {alone.get(k, float('nan')):.3f} |"
+                     for k, v in card["heldout_copy_accuracy"].items())
     ledgers = ", ".join(f"seed {x['seed']} {x['start']}..{x['end']}"
                         for x in card["data"]["ledgers"] or [])
     t = card["training"]
@@ -191,17 +196,18 @@ def card_markdown(card: dict) -> str:
             f"{card['architecture']}; {card['parameters']:,} parameters "
             f"({card['config']['num_layers']}+{card['config']['num_decoder_layers']} layers, "
             f"{card['config']['d_model']} wide); SentencePiece vocabulary of "
-            f"{card['vocabulary']['size_with_sentinels']} ids (100 of them sentinels), one "
-            f"piece per digit.\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
+            f"{card['vocabulary']['size_with_sentinels']} ids (100 of them sentinels)."
+            f"\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
             f"--gin_file=runs/reader_pretrain.gin`) for {t['steps']} steps "
             f"({t['wall_s'] / 60:.0f} min on {t['hardware']}), unsupervised only, on "
             f"Beancount ledgers generated with {ledgers}. Never trained on a QA template, "
             f"question or answer.\n\nObjectives: "
             + "; ".join(f"**{k}**: {v}" for k, v in card["objectives"].items())
             + f".\n\nHeld-out copy accuracy (exact match, ledger seed "
-            f"{card['data']['heldout_ledger']['seed']}, the entry among "
-            f"{t['n_passages'] - 1} distractors, step {card['heldout_copy_accuracy_step']}):"
-            f"\n\n| field | accuracy |\n| --- | --- |\n{rows}\n\n"
+            f"{card['data']['heldout_ledger']['seed']}, step "
+            f"{card['heldout_copy_accuracy_step']}; `read/` probes name a field, `salient/` "
+            f"mask it; the entry among {t['n_passages'] - 1} distractors, or alone):"
+            f"\n\n| field | among distractors | alone |\n| --- | --- | --- |\n{rows}\n\n"
             f"Files and sha256: see `model_card.json`.\n")
 
 

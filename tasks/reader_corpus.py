@@ -9,7 +9,7 @@ Four unsupervised objectives, each example in the reader's FiD format (`"questio
 answer: <extra_id_0>"` prepended to each passage's `"title: {t} context: {p}"`):
 
   read      multi-passage reading: the probe names one field of an entry and gives two of
-            its other fields as cues (`payee: ? date: 5 Jan 2012 amount: $40.88`; dates and
+            its other fields as cues (`payee? 5 Jan 2012 $40.88`; dates and
             amounts in the surface forms people write them in); the entry sits among
             `n_passages - 1` distractors (same day, nearby days, same payee, random), so the
             reader learns to pick the passage that matches the cues and copy the field
@@ -130,17 +130,20 @@ def _date(record: dict) -> datetime.date:
 
 
 def probes(record: dict, rng: random.Random) -> Iterator[tuple[str, str, str]]:
-    """(field, probe text, answer) for an entry: one field asked, two others as cues, in
-    randomly drawn surface forms (`ledger_phrasing`'s date / amount / payee styles)."""
+    """(field, probe text, answer) for an entry: the name of the field asked, then the date
+    and one other field as bare values (`payee? 5 Jan 2012 $40.88`), in randomly drawn
+    surface forms (`ledger_phrasing`'s date / amount / payee styles). Only the asked field
+    is named: with `payee: ? date: ... amount: ...` the probes for the payee and for the
+    amount of one entry hold the same words, and the reader learnt neither (held-out copy
+    accuracy at 50/50 between the two fields for 300 steps)."""
     day = _date(record)
     date = phrasing.format_date(day, rng.choice(phrasing.DATE_STYLES))
     meta = record["metadata"]
     if meta.get("type") == "balance":
         account, number, currency = _balance(record)
         amount = phrasing.format_amount(number, currency, rng.choice(phrasing.AMOUNT_STYLES))
-        yield "balance", f"balance: ? date: {date} account: {account}", \
-            f"{format(number, 'f')} {currency}"
-        yield "account", f"account: ? date: {date} balance: {amount}", account
+        yield "balance", f"balance? {date} {account}", f"{format(number, 'f')} {currency}"
+        yield "account", f"account? {date} {amount}", account
         return
     posting = _main_posting(record)
     payee = meta.get("payee") or ""
@@ -148,9 +151,9 @@ def probes(record: dict, rng: random.Random) -> Iterator[tuple[str, str, str]]:
         return
     account, number, currency = posting
     amount = phrasing.format_amount(number, currency, rng.choice(phrasing.AMOUNT_STYLES))
-    cues = {"amount": f"amount: {amount}", "account": f"account: {account}"}
+    cues = {"amount": amount, "account": account}
     if payee:
-        cues["payee"] = f"payee: {phrasing.format_payee(payee, rng.choice(phrasing.PAYEE_STYLES))}"
+        cues["payee"] = phrasing.format_payee(payee, rng.choice(phrasing.PAYEE_STYLES))
     answers = {"payee": payee, "amount": f"{format(number, 'f')} {currency}",
                "account": account, "narration": meta.get("narration") or ""}
     for field, answer in answers.items():
@@ -158,7 +161,7 @@ def probes(record: dict, rng: random.Random) -> Iterator[tuple[str, str, str]]:
         if not answer or not others:
             continue
         cue = rng.choice(others)
-        yield field, f"{field}: ? date: {date} {cue}", answer
+        yield field, f"{field}? {date} {cue}", answer
 
 
 def _balance(record: dict) -> tuple[str, Decimal, str]:
