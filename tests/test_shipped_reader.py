@@ -93,3 +93,10 @@ def test_transformers_reads_the_same_weights(shipped):
         theirs = model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(decoder)
                        ).logits.numpy()
     np.testing.assert_allclose(reader.logits(ids, decoder), theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_unknown_package_reader_is_named():
+    with pytest.raises(weights.CheckpointError, match="no_such_reader"):
+        weights.load_reader("package:no_such_reader")
+    with pytest.raises(weights.CheckpointError, match="not installed"):
+        weights.load_reader("package:no_such.pkg.reader")
