@@ -14,7 +14,7 @@ COMMANDS = {
     "demo": ("atlas_jax.demo", "few-shot QA over a generated Beancount ledger, end to end "
              "(report.json / report.md / plots)"),
     "ask": ("atlas_jax.ask", "answer a ledger question with a trained demo run, with evidence"),
-    "reader": ("atlas_jax.reader_pretrain", "pre-train the shipped reader (unsupervised, on "
+    "reader": ("atlas_jax.reader_commands", "pre-train the shipped reader (unsupervised, on "
                "generated ledgers) and export it"),
     "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
     "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
