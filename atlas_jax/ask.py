@@ -66,6 +66,19 @@ class AskError(ValueError):
     """A run folder or ledger that cannot be used; the message names the file."""
 
 
+def _read_json(path: Path, required: tuple[str, ...]) -> dict:
+    """A JSON object file of the run folder with `required` keys; AskError naming it."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:  # malformed JSON, not UTF-8, unreadable
+        raise AskError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    missing = [key for key in required if key not in value] if isinstance(value, dict) else [
+        "a JSON object"]
+    if missing:
+        raise AskError(f"{path}: lacks {missing}; was the folder written by `atlas-jax demo`?")
+    return value
+
+
 def load_model(run_dir: Path) -> tuple[Any, dict, Any, float]:
     """(trainer Run, params, index, dense fusion weight) of a finished demo folder."""
     import gin
@@ -77,7 +90,7 @@ def load_model(run_dir: Path) -> tuple[Any, dict, Any, float]:
     if not args_path.is_file():
         raise AskError(f"{args_path}: not found; --run must be a folder written by "
                        "`atlas-jax demo --out DIR`")
-    args = json.loads(args_path.read_text())
+    args = _read_json(args_path, ("quick", "gin_files", "bindings", "search_paths", "extra"))
     demo.parse_gin(run_dir, args["quick"], args["gin_files"], args["bindings"],
                    args["search_paths"], args["extra"])
     atlas_jax_tasks.register_configured_tasks()
@@ -101,7 +114,10 @@ def load_model(run_dir: Path) -> tuple[Any, dict, Any, float]:
     weight = 1.0
     report = run_dir / "report.json"
     if report.is_file():
-        weight = float(json.loads(report.read_text())["config"]["dense_weight"])
+        try:
+            weight = float(_read_json(report, ("config",))["config"]["dense_weight"])
+        except (KeyError, TypeError) as e:
+            raise AskError(f"{report}: no config.dense_weight ({e!r})") from None
     return run_, params, index, weight
 
 

@@ -50,7 +50,10 @@ from typing import Any
 import gin
 import numpy as np
 
+from atlas_jax import fileio
+
 DEMO_GIN = "runs/demo.gin"
+OUTPUT_KIND = "demo"            # the kind in the folder's .atlas-jax.json marker (fileio)
 QUICK_GIN = "runs/demo_quick.gin"
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
 # stage -> the stage whose parameters it starts from (None: the shipped reader, MiniLM)
@@ -121,7 +124,7 @@ def write_corpus_split(ledger_dir: Path, cutoff: str) -> tuple[Path, Path, int, 
             (before if record["metadata"]["date"] < cutoff else after).append(line)
     paths = ledger_dir / "passages_before_cutoff.jsonl", ledger_dir / "passages_new.jsonl"
     for path, lines in zip(paths, (before, after)):
-        path.write_text("".join(lines), encoding="utf-8")
+        fileio.atomic_write_text(path, "".join(lines))
     return paths[0], paths[1], len(before), len(after)
 
 
@@ -132,8 +135,6 @@ def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
     Raises:
       ValueError: READER_CHECKPOINT is unset, or its folder has no spiece.model.
     """
-    import shutil
-
     from atlas_jax import weights
     checkpoint = gin.query_parameter("weights.build_reader.checkpoint")
     if not checkpoint:
@@ -146,7 +147,7 @@ def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
         raise ValueError(f"{source}: the reader checkpoint {checkpoint} has no spiece.model")
     target = out / "spiece.model"
     if not target.is_file() or target.read_bytes() != source.read_bytes():
-        shutil.copyfile(source, target)
+        fileio.atomic_write_bytes(target, source.read_bytes())
     vocab_size = weights.read_json(folder / "config.json").get("vocab_size")
     if not isinstance(vocab_size, int):
         raise ValueError(f"{folder / 'config.json'}: no integer vocab_size")
@@ -367,7 +368,9 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
 
     began = time.perf_counter()
     timings: dict[str, float] = {}
-    out.mkdir(parents=True, exist_ok=True)
+    # Arguments first: nothing is written before the gin files and bindings parse and the
+    # output folder is known to be new, empty, or an earlier demo's (fileio policy).
+    fileio.check_output(out, OUTPUT_KIND, legacy=_is_legacy_demo)
     parse_gin(out, quick, gin_files, bindings, search_paths,
               ["LEDGER_DIR = None", "READER_SPM = None", "READER_VOCAB_SIZE = None"])
     config = DemoConfig()
@@ -388,6 +391,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
                          "retrieval to evaluate (add finetune_joint, finetune_frozen or "
                          "finetune_scratch)")
 
+    fileio.prepare_output(out, OUTPUT_KIND, legacy=_is_legacy_demo)
     mark = time.perf_counter()
     spm_path, vocab_size = reader_vocabulary_file(out)
     spm_vocab = vocab.reader_vocabulary(str(spm_path))
@@ -418,10 +422,10 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
         for line in (ledger_dir / f"qa_{split}.jsonl").read_text().splitlines():
             record = json.loads(line)
             kinds[record["id"]] = record["kind"]
-    (out / "demo.gin").write_text(gin.config_str())
-    (out / "demo_args.json").write_text(json.dumps({
+    fileio.atomic_write_text(out / "demo.gin", gin.config_str())
+    fileio.atomic_write_json(out / "demo_args.json", {
         "quick": quick, "gin_files": list(gin_files), "bindings": list(bindings),
-        "search_paths": list(search_paths), "extra": extra}, indent=1))
+        "search_paths": list(search_paths), "extra": extra})
 
     results: dict[str, StageResult] = {}
     shared: dict[str, Any] = {}
@@ -501,6 +505,16 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     }
     demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()})
     return report
+
+
+def _is_legacy_demo(folder: Path) -> bool:
+    """A demo folder written before output markers existed: its demo_args.json has the
+    demo's own fields."""
+    try:
+        args = json.loads((folder / "demo_args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(args, dict) and {"quick", "gin_files", "bindings", "extra"} <= set(args)
 
 
 def _same_ledger(ledger_dir: Path, config: DemoConfig) -> bool:

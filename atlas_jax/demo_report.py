@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from atlas_jax import fileio
+
 SYSTEM_NOTES = {
     "closed_book": "reader alone, no retrieval",
     "frozen_retriever": "retriever frozen at MiniLM (pre-trained + fine-tuned reader)",
@@ -48,7 +50,8 @@ def _read_metrics(path: Path) -> list[dict]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with fileio.atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -104,7 +107,7 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
 def write(out: Path, report: dict, metrics_paths: dict[str, Path]) -> None:
     """report.json, plots, report.md (the table, the systems explained, the plots)."""
     plots = plot(out, report, metrics_paths)
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=False))
+    fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=False))
     config = report["config"]
     lines = [
         "# atlas-jax ledger demo",
@@ -123,4 +126,4 @@ def write(out: Path, report: dict, metrics_paths: dict[str, Path]) -> None:
     ] + [f"- `{name}`: {note}" for name, note in SYSTEM_NOTES.items()] + [
         "",
     ] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    fileio.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

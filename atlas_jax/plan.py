@@ -364,7 +364,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        from atlas_jax import fileio
+        fileio.atomic_write_json(args.json, result, indent=2)
     return 0

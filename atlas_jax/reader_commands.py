@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
 
 def _run_pretrain(args) -> int:
     from atlas_jax import gin_config, reader_pretrain
-    from atlas_jax.train_commands import _gin_arguments
+    from atlas_jax.train_commands import _gin_arguments, unreadable_input_errors
     try:
         files, bindings, paths = _gin_arguments(list(args.gin_flags))
         gin_config.parse(files or ["runs/reader_pretrain.gin"], bindings, paths)
@@ -32,7 +32,11 @@ def _run_pretrain(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"atlas-jax reader pretrain: {e}", file=sys.stderr)
         return 2
-    record = reader_pretrain.train(config)
+    try:
+        record = reader_pretrain.train(config)
+    except unreadable_input_errors() as e:  # e.g. an unreadable checkpoint to resume from
+        print(f"atlas-jax reader pretrain: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(json.dumps(record))
     return 0
 

@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from atlas_jax import fileio
+
 CARD = "model_card.json"
+OUTPUT_KIND = "reader"          # the kind in the folder's .atlas-jax.json marker
 CARD_FORMAT = "atlas-jax-reader-card/1"
 
 _ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
@@ -76,18 +79,16 @@ def hf_tensors(reader) -> dict[str, np.ndarray]:
 def save_reader(reader, folder: str | Path, spiece_model: str | Path | None = None) -> Path:
     """Writes `config.json`, `model.safetensors` and (if given) `spiece.model` into
     `folder` (created; files of the same names are overwritten)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as save_bytes
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config(reader.config), indent=1) + "\n")
+    fileio.atomic_write_text(folder / "config.json",
+                             json.dumps(hf_config(reader.config), indent=1) + "\n")
     tensors = hf_tensors(reader)
     # safetensors refuses shared memory: one copy per name.
-    save_file({k: np.array(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    fileio.atomic_write_bytes(folder / "model.safetensors", save_bytes(
+        {k: np.array(v) for k, v in tensors.items()}, metadata={"format": "pt"}))
     if spiece_model is not None:
-        shutil.copyfile(spiece_model, folder / "spiece.model")
-    for path in folder.iterdir():
-        path.chmod(0o644)       # safetensors writes 0600; the files ship in a package
+        fileio.atomic_write_bytes(folder / "spiece.model", Path(spiece_model).read_bytes())
     return folder
 
 
@@ -211,23 +212,33 @@ def card_markdown(card: dict) -> str:
             f"Files and sha256: see `model_card.json`.\n")
 
 
+def _is_legacy_export(folder: Path) -> bool:
+    """A reader folder exported before output markers existed: its card has our fields."""
+    try:
+        card = json.loads((folder / CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(card, dict) and {"training", "heldout_copy_accuracy"} <= set(card)
+
+
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Exports a pre-training run's latest checkpoint with its card into `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not (out / CARD).is_file():
-        raise FileExistsError(f"{out}: exists and is not an exported reader (no {CARD}); "
-                              "choose another --out")
+    fileio.check_output(out, OUTPUT_KIND, legacy=_is_legacy_export)
     reader, spm, config, meta, log = _run_reader(run_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_reader(reader, tmp, spm)
-    card = model_card(reader, tmp, config, meta, log)
-    card["name"] = out.name
-    (tmp / CARD).write_text(json.dumps(card, indent=1) + "\n")
-    (tmp / "README.md").write_text(card_markdown(card))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    fileio.remove_staging_leftovers(out.parent, out.name)
+    tmp = fileio.staging_folder(out)
+    try:
+        save_reader(reader, tmp, spm)
+        card = model_card(reader, tmp, config, meta, log)
+        card["name"] = out.name
+        fileio.atomic_write_text(tmp / CARD, json.dumps(card, indent=1) + "\n")
+        fileio.atomic_write_text(tmp / "README.md", card_markdown(card))
+        fileio.write_marker(tmp, OUTPUT_KIND)
+        fileio.replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return card
 
 

@@ -28,6 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from atlas_jax import fileio
+
+OUTPUT_KIND = "reader-pretrain-run"   # the kind in MODEL_DIR's .atlas-jax.json marker
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +218,10 @@ def train(config: ReaderPretrainConfig) -> dict:
     """Runs (or resumes) pre-training to `train_steps`; returns the last metrics record."""
     from atlas_jax import checkpoints, weights
     began = time.perf_counter()
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.gin").write_text(gin.config_str())   # what `export` re-reads
+    fileio.prepare_output(config.run_dir, OUTPUT_KIND)
+    fileio.atomic_write_text(config.run_dir / "config.gin", gin.config_str())  # export reads it
     vocabulary, corpus, heldout, summary = prepare_corpus(config)
-    (config.run_dir / "corpus" / "summary.json").write_text(json.dumps(summary, indent=1))
+    fileio.atomic_write_json(config.run_dir / "corpus" / "summary.json", summary)
     model_config, model = make_model(vocabulary)
     optimizer = make_optimizer(config)
     params = init_params(model, config.seed)
@@ -229,7 +233,7 @@ def train(config: ReaderPretrainConfig) -> dict:
         start = manager.latest_step()
         state, meta = manager.restore(start, {"params": params, "opt_state": opt_state})
         params, opt_state, wall = state["params"], state["opt_state"], meta.get("wall_s", 0.0)
-    log.truncate_after(start)
+    log.truncate_after(start)          # records at `start` were logged before its checkpoint
     step_fn = make_train_step(model, optimizer, config.lm_weight)
     sizes = config.sizes()
     print(f"reader pre-training: {sum(np.size(x) for x in jax.tree.leaves(params)):,} "

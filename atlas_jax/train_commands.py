@@ -47,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run, takes_gin_flags=True, gin_flags=[])
 
 
+def unreadable_input_errors() -> tuple[type[Exception], ...]:
+    """The errors of files a run reads that cannot be used (a corrupt or mismatched
+    checkpoint, index, reader or passages file); each names the file in one line."""
+    from atlas_jax import checkpoints, weights
+    from atlas_jax.index import passage_index, passages
+    return (checkpoints.CheckpointCorruptError, checkpoints.CheckpointMismatchError,
+            weights.CheckpointError, passage_index.IndexLoadError, passages.PassageFileError)
+
+
 def run(args: argparse.Namespace) -> int:
     from atlas_jax import distributed, gin_config
     try:
@@ -61,22 +70,34 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # could not reach the coordinator, or JAX started too early
             raise ValueError(f"distributed initialisation failed: {e}") from None
         import atlas_jax_tasks
-        from atlas_jax import trainer
-        atlas_jax_tasks.register_configured_tasks()
+        from atlas_jax import checkpoints, fileio, trainer
+        # Every check before the first side effect (registering tasks may generate their
+        # data): the configuration, the output folder, the checkpoint to evaluate.
         config = trainer.TrainConfig()
-        if args.command != "train" and not trainer.has_checkpoint(config):
+        if args.command == "train":
+            fileio.check_output(config.run_dir, checkpoints.RUN_KIND,
+                                legacy=checkpoints.is_legacy_run)
+        elif not trainer.has_checkpoint(config):
             raise FileNotFoundError(f"{config.run_dir / 'checkpoints'}: no checkpoint to "
                                     "evaluate (train first, or point MODEL_DIR at a run)")
+        atlas_jax_tasks.register_configured_tasks()
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"atlas-jax {args.command}: {e}", file=sys.stderr)
         return 2
+    try:
+        if args.command == "train":
+            result = trainer.train(config)
+        else:
+            metrics = trainer.evaluate_checkpoint(config, infer=args.command == "infer")
+    except unreadable_input_errors() as e:  # a checkpoint, index or reader that won't load
+        # One line: gin appends "In call to configurable ..." lines to errors it passes on.
+        print(f"atlas-jax {args.command}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     if args.command == "train":
-        result = trainer.train(config)
         if distributed.is_primary():
             print(f"trained to step {result.step} in {result.wall_seconds:.1f} s (index "
                   f"refresh {result.refresh_seconds:.1f} s); run directory {config.model_dir}")
         return 0
-    metrics = trainer.evaluate_checkpoint(config, infer=args.command == "infer")
     for key, value in metrics.items() if distributed.is_primary() else ():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0

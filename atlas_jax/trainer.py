@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +43,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from atlas_jax import checkpoints as checkpoints_lib
-from atlas_jax import distributed
+from atlas_jax import distributed, fileio
 from atlas_jax import evaluation, joint_loss, objectives, optimization, partitioning, weights
 from atlas_jax.index import hybrid as hybrid_lib
 from atlas_jax.index import passage_index as passage_index_lib
@@ -396,6 +397,7 @@ def prune_indexes(run: Run, keep_steps: set[int]) -> None:
     folder = run.config.run_dir / "index"
     if not distributed.is_primary():
         return
+    fileio.remove_staging_leftovers(folder)     # index saves cut short by a kill
     for path in folder.glob("step_*") if folder.is_dir() else []:
         if path.is_dir() and int(path.name[5:]) not in keep_steps:
             shutil.rmtree(path, ignore_errors=True)
@@ -451,8 +453,7 @@ def evaluate(run: Run, params: dict, index: Any, examples: Examples, step: int,
                     [[texts[p] for p in r["retrieved"]] for r in answered],
                     [r["answers"] for r in answered], k)
     if predictions_path is not None and distributed.is_primary():
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        with predictions_path.open("w", encoding="utf-8") as f:
+        with fileio.atomic_open(predictions_path, "w") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     metrics["eval/examples"] = float(len(records))
@@ -498,9 +499,12 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
     run = run or build_run(config)
     config = run.config
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_primary():
-        (run_dir / "config.gin").write_text(gin.config_str())
+        fileio.prepare_output(run_dir, checkpoints_lib.RUN_KIND,
+                              legacy=checkpoints_lib.is_legacy_run)
+        fileio.atomic_write_text(run_dir / "config.gin", gin.config_str())
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
     train_examples = load_examples(config.task, config.train_split, config.feature_lengths)
     eval_examples = load_examples(config.task, config.eval_split, config.feature_lengths,
                                   limit=config.eval_limit)
@@ -511,7 +515,12 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
     start, index, index_step, refresh_seconds = 0, None, None, 0.0
     latest = ckpt.latest_step()
     if latest is not None:
-        state, meta = ckpt.restore(latest, {"params": params, "opt_state": opt_state})
+        # An unreadable newest step is set aside and the run resumes from the step before.
+        latest, state, meta, skipped = ckpt.restore_latest_readable(
+            {"params": params, "opt_state": opt_state})
+        for bad, why, moved in skipped if distributed.is_primary() else ():
+            print(f"atlas-jax train: resuming from checkpoint step {latest}, not {bad} (set "
+                  f"aside as {moved.name}): {why}", file=sys.stderr, flush=True)
         params, opt_state, start = state["params"], state["opt_state"], int(meta["step"])
         tracker.total_skipped = int(meta.get("skipped_total", 0))
         tracker.consecutive_skipped = int(meta.get("skipped_consecutive", 0))
@@ -519,8 +528,8 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
         if not config.closed_book:
             index_step = int(meta["index_step"])
             index = load_index(run, index_step)
-        log.truncate_after(start)
-    elif initial_index is not None and not config.closed_book:
+    log.truncate_for_resume(start)
+    if latest is None and initial_index is not None and not config.closed_book:
         if len(initial_index.store) != len(run.store):
             raise ValueError(f"initial_index holds {len(initial_index.store)} passages, the "
                              f"run's corpus {len(run.store)}")
@@ -574,6 +583,7 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
                                              jax.random.fold_in(base_rng, step), loss_scale)
         step += 1
         metrics = jax.device_get(metrics)
+        fileio.fault_point("train_step")
         tracker.record(metrics["skipped"])
         window.append(metrics)
         bar.update(1)

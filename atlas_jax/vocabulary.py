@@ -8,6 +8,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from atlas_jax import fileio
+
 NUM_EXTRA_IDS = 100
 
 
@@ -25,8 +27,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: 
         hard_vocab_limit=False, character_coverage=1.0, split_digits=split_digits,
         minloglevel=2)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(model.getvalue())
+    fileio.atomic_write_bytes(out_path, model.getvalue())
     return out_path
 
 

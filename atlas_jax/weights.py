@@ -59,9 +59,23 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, OSError) as e:  # a garbled or unreadable file
+        raise CheckpointError(f"{path}: not readable JSON text ({e})") from None
+
+
+def read_config(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """`read_json` of a config that must be an object holding `required` keys."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a config "
+                              "object")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise CheckpointError(f"{path}: missing fields {missing}")
+    return config
 
 
 def read_safetensors(folder: Path) -> dict[str, tuple[np.ndarray, Path]]:
@@ -91,7 +105,8 @@ def read_safetensors(folder: Path) -> dict[str, tuple[np.ndarray, Path]]:
                 for key in f.keys():
                     tensors[key] = (np.asarray(f.get_tensor(key), dtype=np.float32), file)
         except Exception as e:  # safetensors raises its own error types on corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file: {e}") from None
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or "
+                                  f"corrupt?): {' '.join(str(e).split())}") from None
     return tensors
 
 
@@ -278,7 +293,7 @@ def load_reader(path: str | Path) -> Reader:
     """Loads a Hugging Face T5 folder (config.json + model.safetensors[, spiece.model])."""
     folder = resolve_path(path)
     config_path = folder / "config.json"
-    hf = read_json(config_path)
+    hf = read_config(config_path)
     tensors = read_safetensors(folder)
     config = t5_config_from_hf(hf, tensors, config_path)
     params = _assemble(tensors, folder, t5_hf_mapping(config),
@@ -297,7 +312,8 @@ _HF_BERT_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_
 def retriever_config_from_hf(folder: Path) -> retriever_lib.RetrieverConfig:
     """BERT config.json plus the sentence-transformers pooling/normalisation, if present."""
     config_path = folder / "config.json"
-    hf = read_json(config_path)
+    hf = read_config(config_path, ("vocab_size", "hidden_size", "num_hidden_layers",
+                                   "num_attention_heads", "intermediate_size"))
     if hf.get("model_type", "bert") != "bert":
         raise CheckpointError(f"{config_path}: model_type {hf.get('model_type')!r} is not "
                               "supported (BERT-family checkpoints only)")
@@ -360,7 +376,11 @@ def _load_tokenizer(folder: Path, max_length: int):
     from tokenizers import Tokenizer
     from tokenizers.implementations import BertWordPieceTokenizer
     if (folder / "tokenizer.json").exists():
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises bare Exception for a broken file
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
+                                  f"({' '.join(str(e).split())})") from None
     elif (folder / "vocab.txt").exists():
         lower = True
         if (folder / "tokenizer_config.json").exists():

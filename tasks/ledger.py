@@ -47,6 +47,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence
 
+from atlas_jax import fileio
 from atlas_jax_tasks import ledger_phrasing as phrasing
 
 DEFAULT_SEED = 0
@@ -62,6 +63,7 @@ AGGREGATE_KINDS = ("monthly_total",)
 LEDGER_FILE = "ledger.beancount"
 PASSAGES_FILE = "passages.jsonl"
 SUMMARY_FILE = "summary.json"
+OUTPUT_KIND = "ledger-qa"       # the kind in the folder's .atlas-jax.json marker
 USD = phrasing.OPERATING_CURRENCY
 
 # One BQL template per kind; `%(name)s` placeholders are filled with BQL literals.
@@ -128,8 +130,7 @@ def write_example_ledger(path: str | Path, seed: int, start: datetime.date,
                           f"range of a few months or more") from error
     finally:
         random.setstate(state)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(buffer.getvalue())
+    fileio.atomic_write_text(path, buffer.getvalue())
 
 
 def format_ledger_errors(errors: Sequence[Any], limit: int = 20) -> str:
@@ -446,9 +447,19 @@ def few_shot_sample(train: list[dict], count: int, seed: int) -> list[dict]:
 # ------------------------------------------------------------------------------- generate
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fileio.atomic_write_lines(path, (json.dumps(record, ensure_ascii=False)
+                                     for record in records))
+
+
+def is_legacy_ledger_folder(folder: Path) -> bool:
+    """A folder `generate` wrote before output markers existed: its summary.json has the
+    generator's own fields (not merely a file of that name)."""
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(summary, dict) and isinstance(summary.get("sha256"), dict)
+            and {"args", "ledger", "passages", "questions"} <= set(summary))
 
 
 def _sha256(path: Path) -> str:
@@ -493,14 +504,9 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT
     if isinstance(seed, bool) or not isinstance(seed, int) or train_few_shot < 0:
         raise ValueError(f"seed must be an int and train_few_shot >= 0, got {seed!r}, "
                          f"{train_few_shot!r}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not (out / "summary.json").is_file())):
-        # Only an earlier generated folder (it has summary.json) is overwritten: a folder of
-        # the user's own (e.g. their real ledger) is never touched.
-        raise ValueError(f"refusing to write into {out}: it exists and is not a folder "
-                         "written by `atlas-jax data ledger` (no summary.json)")
-    out.mkdir(parents=True, exist_ok=True)
+    # Only a folder `generate` wrote (its .atlas-jax.json marker) is overwritten: a folder of
+    # the user's own (e.g. their real ledger) is never touched (fileio.OutputFolderError).
+    out = fileio.prepare_output(out_dir, OUTPUT_KIND, legacy=is_legacy_ledger_folder)
     seconds = {}
 
     ledger_path = out / LEDGER_FILE
@@ -522,8 +528,7 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT
     summary = _summary(out, passages, splits, entries, seed=seed, start=start_date,
                        end=end_date, cutoff=cutoff_date, birth=birth_date,
                        train_few_shot=train_few_shot)
-    with open(out / SUMMARY_FILE, "w", encoding="utf-8", newline="\n") as f:
-        f.write(json.dumps(summary, indent=1) + "\n")
+    fileio.atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     seconds["total"] = time.perf_counter() - started
     return {**summary, "out_dir": str(out),
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}

@@ -28,6 +28,7 @@ from typing import Iterator
 
 import seqio
 
+from atlas_jax import fileio
 from atlas_jax_tasks.ledger_tasks import LEDGER_QA_FIELDS
 from atlas_jax_tasks.qa import SENTINEL_0, register_qa_task
 
@@ -94,7 +95,7 @@ def write_salient_records(passages_jsonl: str | Path, out_jsonl: str | Path) -> 
     """
     count = 0
     path = Path(passages_jsonl)
-    with path.open(encoding="utf-8") as f, Path(out_jsonl).open("w", encoding="utf-8") as out:
+    with path.open(encoding="utf-8") as f, fileio.atomic_open(out_jsonl, "w") as out:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue

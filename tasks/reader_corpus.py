@@ -32,6 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from atlas_jax import fileio
 from atlas_jax_tasks import ledger, ledger_phrasing as phrasing
 from atlas_jax_tasks.ledger_salient import salient_examples
 
@@ -77,11 +78,8 @@ def generate_ledgers(out_dir: str | Path, ledgers: Sequence[tuple] = PRETRAIN_LE
                                         ledger.parse_date(end, "end"),
                                         ledger.parse_date(birth, "birth"))
             entries = ledger.load_ledger(path)
-            tmp = passages.with_suffix(".tmp")
-            with tmp.open("w", encoding="utf-8") as f:
-                for record, _ in ledger.build_passages(entries):
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            tmp.replace(passages)
+            fileio.atomic_write_lines(passages, (json.dumps(record, ensure_ascii=False)
+                                                  for record, _ in ledger.build_passages(entries)))
         out.append((folder.name, passages))
     return out
 

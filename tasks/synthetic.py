@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from atlas_jax import evaluation
+from atlas_jax import evaluation, fileio
 from atlas_jax.index.passages import reader_text, retriever_text
 from atlas_jax.models import retriever as retriever_lib
 from atlas_jax_tasks.jsonl_source import STRING_LIST, JsonlField
@@ -35,6 +35,7 @@ from atlas_jax_tasks.qa import register_qa_task
 from atlas_jax_tasks.vocab import reader_vocabulary, train_reader_spiece
 
 PASSAGES_FILE, MANIFEST_FILE, SPIECE_FILE = "passages.jsonl", "synthetic.json", "spiece.model"
+OUTPUT_KIND = "synthetic-data"     # the kind in the folder's .atlas-jax.json marker
 QA_SPLIT_FILES = {"train": "qa_train.jsonl", "validation": "qa_dev.jsonl"}
 SYNTHETIC_QA_FIELDS = (JsonlField("gold_ids", STRING_LIST, required=False),)
 PASSAGE_TEMPLATES = ("The {attribute} of {entity} is {value}.",
@@ -65,7 +66,7 @@ def _made_up_words(rng: random.Random, count: int, syllables: Sequence[int],
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    fileio.atomic_write_lines(path, (json.dumps(record) for record in records))
 
 
 def read_synthetic(folder: str | Path) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -140,8 +141,7 @@ def generate_synthetic(out_dir: str | Path, seed: int = 0, num_facts: int = 200,
             raise AssertionError(f"{record['id']}: answer {record['answers']} in {found}")
     tokenizer = WordTokenizer.from_texts([retriever_text(p["title"], p["text"]) for p in passages]
                                          + [q["question"] for q in questions])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = fileio.prepare_output(out_dir, OUTPUT_KIND)
     _write_jsonl(out_dir / PASSAGES_FILE, passages)
     _write_jsonl(out_dir / QA_SPLIT_FILES["validation"], questions[:num_dev])
     _write_jsonl(out_dir / QA_SPLIT_FILES["train"], questions[num_dev:])
@@ -151,7 +151,7 @@ def generate_synthetic(out_dir: str | Path, seed: int = 0, num_facts: int = 200,
                 "passages": num_passages, "train": num_facts - num_dev, "dev": num_dev,
                 "entities": num_entities, "attributes": num_attributes,
                 "vocabulary_size": len(tokenizer.words)}
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    fileio.atomic_write_json(out_dir / MANIFEST_FILE, manifest)   # last: marks it complete
     return manifest
 
 

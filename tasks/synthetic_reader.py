@@ -16,7 +16,9 @@ either). The parameters are cached next to the data (`warm_reader_*.npz`, read w
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
+import zipfile
 from pathlib import Path
 
 import flax
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from atlas_jax import fileio
 from atlas_jax.index.passages import reader_text
 from atlas_jax_tasks.synthetic import QUESTION_TEMPLATES, SPIECE_FILE, read_synthetic
 from atlas_jax_tasks.vocab import reader_vocabulary
@@ -89,9 +92,16 @@ def build_warm_reader(synthetic_dir: str = gin.REQUIRED, steps: int = 1000, batc
     cache = Path(synthetic_dir) / (f"warm_reader_s{steps}_b{batch_size}_k{n_passages}_"
                                    f"lr{learning_rate}_seed{seed}_l{length}.npz")
     shapes = {k: v.shape for k, v in _flatten(reader.params).items()}
+    fileio.remove_partial_files(cache.parent)
     if cache.is_file():
-        with np.load(cache, allow_pickle=False) as saved:
-            arrays = {k: saved[k] for k in saved.files}
+        try:
+            with np.load(cache, allow_pickle=False) as saved:
+                arrays = {k: saved[k] for k in saved.files}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            # Our own derived file, unreadable (e.g. written by an older version without
+            # atomic writes and cut by a kill): rebuilt rather than failing every relaunch.
+            logging.warning("%s: unreadable warm-reader cache (%s); rebuilding it", cache, e)
+            arrays = {}
         if {k: v.shape for k, v in arrays.items()} == shapes:
             return dataclasses.replace(reader, params=_unflatten(arrays))
     vocabulary = reader_vocabulary(str(Path(synthetic_dir) / SPIECE_FILE))
@@ -118,6 +128,5 @@ def build_warm_reader(synthetic_dir: str = gin.REQUIRED, steps: int = 1000, batc
     for _ in range(steps):
         rows = order.choice(len(inputs), batch_size, replace=False)
         params, state, _ = step(params, state, inputs[rows], targets[rows])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **_flatten(params))
+    fileio.atomic_savez(cache, **_flatten(params))
     return dataclasses.replace(reader, params=params)

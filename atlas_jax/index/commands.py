@@ -52,18 +52,19 @@ def _fail(message: str) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from atlas_jax import weights
+    from atlas_jax import fileio, weights
     from atlas_jax.index import passages as passages_lib
     try:
+        # The output folder is checked before anything is read or built.
+        fileio.check_output(args.out, passage_index.OUTPUT_KIND,
+                            legacy=passage_index.is_legacy_index)
         store = passages_lib.PassageStore.from_jsonl(args.passages)
+        if not len(store):
+            raise ValueError(f"{args.passages}: holds no passages (an empty index is never "
+                             "what a search needs)")
         retriever = weights.load_retriever(args.retriever)
     except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
         return _fail(str(e))
-    out = Path(args.out)
-    if out.exists() and not (out / "manifest.json").is_file() and (
-            not out.is_dir() or any(out.iterdir())):
-        return _fail(f"refusing to write an index over {out}: it exists and is not an "
-                     "atlas-jax index (no manifest.json)")
     start = time.perf_counter()
     config = (device.DeviceIndexConfig(storage=args.storage) if args.backend == "device"
               else None)
@@ -74,7 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
     build_seconds = time.perf_counter() - start
     try:
         index.save(args.out, dtype=args.dtype)
-    except FileExistsError as e:
+    except (FileExistsError, fileio.OutputFolderError) as e:
         return _fail(str(e))
     print(json.dumps({"index": args.out, "passages": len(store), "dim": index.dim,
                       "backend": args.backend, "dtype": args.dtype,
@@ -98,8 +99,11 @@ def run_search(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
         return _fail(str(e))
     query_embeddings = retriever.embed([args.query], tower="query")
-    result = index.search(query_embeddings, args.k, where=mask, query_texts=[args.query],
-                          hybrid=args.hybrid)
+    try:  # --hybrid reads the saved BM25 index only now
+        result = index.search(query_embeddings, args.k, where=mask, query_texts=[args.query],
+                              hybrid=args.hybrid)
+    except passage_index.IndexLoadError as e:
+        return _fail(str(e))
     for hit in index.hits(result):
         print(json.dumps({key: hit[key] for key in ("rank", "id", "score", "title", "text")},
                          ensure_ascii=False))

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import gin
 import numpy as np
 
+from atlas_jax import fileio
 from atlas_jax.index import base, device, filters as filters_lib, hybrid as hybrid_lib
 from atlas_jax.index import passages as passages_lib
 
@@ -37,6 +36,7 @@ FORMAT_VERSION = 1
 SAVE_DTYPES = ("float16", "bfloat16", "float32", "int8")
 BACKENDS = ("device", "scann")
 SHARD_ROWS = 1 << 18
+OUTPUT_KIND = "index"          # the kind in the folder's .atlas-jax.json marker (fileio)
 
 
 @gin.configurable
@@ -163,7 +163,12 @@ class PassageIndex:
     @property
     def bm25(self) -> hybrid_lib.BM25Index:
         if self._bm25 is None and self.bm25_directory is not None:
-            self._bm25 = hybrid_lib.BM25Index.load(self.bm25_directory)
+            try:
+                self._bm25 = hybrid_lib.BM25Index.load(self.bm25_directory)
+            except (ValueError, EOFError, OSError, KeyError, TypeError) as e:
+                raise IndexLoadError(f"{self.bm25_directory}: BM25 index unreadable "
+                                     f"(truncated or corrupt? {' '.join(str(e).split())}); "
+                                     "rebuild the index") from None
         if self._bm25 is None or self._bm25.size != len(self.store):
             self._bm25 = hybrid_lib.BM25Index(self.store.retriever_texts())
         return self._bm25
@@ -240,18 +245,17 @@ class PassageIndex:
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"index dtype {dtype!r} is not one of {SAVE_DTYPES}")
         directory = Path(directory)
-        if directory.exists() and not (directory / "manifest.json").is_file():
-            # Replacing is only safe for an index: anything else would be deleted.
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
-            else:
-                raise FileExistsError(f"refusing to write an index over {directory}: it exists "
-                                      "and is not an atlas-jax index (no manifest.json)")
+        # Replacing is only safe for a folder this project wrote as an index: anything else
+        # is refused (fileio.OutputFolderError) and left untouched.
+        fileio.check_output(directory, OUTPUT_KIND, legacy=is_legacy_index)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        fileio.remove_staging_leftovers(directory.parent, directory.name)
+        staging = fileio.staging_folder(directory)
         try:
             self._write(staging, dtype, include_bm25)
-            _replace_directory(staging, directory)
+            fileio.write_marker(staging, OUTPUT_KIND)
+            fileio.fault_point("index_save")
+            fileio.replace_folder(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -296,7 +300,7 @@ class PassageIndex:
             "tokens": "tokens/retriever" if self.tokens is not None else None,
             "bm25": "bm25" if include_bm25 else None,
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        fileio.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, mesh=None, backend: str | None = None,
@@ -336,7 +340,7 @@ class PassageIndex:
                                  f"{directory}/manifest.json says {manifest['count']}")
         embeddings = _read_embeddings(directory, manifest)
         deleted = _load_npy(directory / manifest["deleted"], (manifest["count"],))
-        tokens = (passages_lib.TokenArray.load(directory / manifest["tokens"])
+        tokens = (_load_tokens(directory / manifest["tokens"], manifest["count"])
                   if manifest.get("tokens") else None)
         saved_backend = manifest["backend"]["name"]
         name = backend or saved_backend
@@ -368,9 +372,14 @@ def read_manifest(directory: Path) -> dict:
     path = directory / "manifest.json"
     _require(path)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise IndexLoadError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise IndexLoadError(f"{path}: not readable JSON text ({e})") from None
+    if not isinstance(manifest, dict):
+        raise IndexLoadError(f"{path}: holds a JSON {type(manifest).__name__}, not the "
+                             "manifest object")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise IndexLoadError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} manifest "
                              f"(format={manifest.get('format')!r}, "
@@ -379,6 +388,18 @@ def read_manifest(directory: Path) -> dict:
                                "deleted", "retriever") if key not in manifest]
     if missing:
         raise IndexLoadError(f"{path} lacks {missing}")
+    shards, backend, passages = manifest["shards"], manifest["backend"], manifest["passages"]
+    if not (isinstance(manifest["count"], int) and isinstance(manifest["dim"], int)
+            and isinstance(shards, list) and all(
+                isinstance(x, dict) and isinstance(x.get("file"), str)
+                and isinstance(x.get("rows"), int) for x in shards)
+            and isinstance(passages, dict) and isinstance(passages.get("file"), str)
+            and isinstance(backend, dict) and isinstance(backend.get("name"), str)
+            and isinstance(manifest["deleted"], str) and isinstance(manifest["retriever"], dict)
+            and manifest["dtype"] in SAVE_DTYPES):
+        raise IndexLoadError(f"{path}: count, dim, dtype, shards, passages, backend, deleted or "
+                             "retriever has the wrong type (a damaged manifest); rebuild the "
+                             "index")
     return manifest
 
 
@@ -391,11 +412,22 @@ def _load_npy(path: Path, shape: tuple | None = None, mmap: bool = False) -> np.
     _require(path)
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except ValueError as e:
-        raise IndexLoadError(f"{path}: not a plain .npy array ({e})") from None
+    except (ValueError, EOFError, OSError) as e:  # truncated, empty, garbled or pickled
+        raise IndexLoadError(f"{path}: not a readable .npy array (truncated or corrupt? "
+                             f"{' '.join(str(e).split())})") from None
     if shape is not None and array.shape != shape:
         raise IndexLoadError(f"{path} has shape {array.shape}, expected {shape}")
     return array
+
+
+def _load_tokens(path: Path, count: int) -> passages_lib.TokenArray:
+    """The pre-tokenized retriever text (`path`.ids.npy, `path`.lengths.npy) of `count`
+    passages; IndexLoadError naming the file when one is missing, truncated or garbled."""
+    ids = _load_npy(Path(f"{path}.ids.npy"), mmap=True)
+    lengths = _load_npy(Path(f"{path}.lengths.npy"), (count,), mmap=True)
+    if ids.ndim != 2 or len(ids) != count:
+        raise IndexLoadError(f"{path}.ids.npy has shape {ids.shape}, expected ({count}, L)")
+    return passages_lib.TokenArray(ids, lengths)
 
 
 def _read_embeddings(directory: Path, manifest: dict) -> np.ndarray:
@@ -423,13 +455,10 @@ def _read_embeddings(directory: Path, manifest: dict) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Renames `staging` onto `target`; an existing target is moved aside first and removed
-    only after the new one is in place."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, retired / "index")
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+def is_legacy_index(folder: Path) -> bool:
+    """An index written before output markers existed: its manifest names our format."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT

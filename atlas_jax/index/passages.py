@@ -99,8 +99,15 @@ class PassageStore:
     def extend_jsonl(self, path: str | Path) -> np.ndarray:
         """Appends the passages of a jsonl file; returns their dense ids."""
         def records():
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
+            with open(path, "rb") as f:
+                for line_number, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise PassageFileError(
+                            f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                            f"at column {e.start + 1}); passages files are UTF-8 jsonl"
+                        ) from None
                     if not line.strip():
                         continue
                     try:
@@ -155,9 +162,9 @@ class PassageStore:
                 "metadata": self.metadata[row]}
 
     def write_jsonl(self, path: str | Path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            for row in range(len(self)):
-                f.write(json.dumps(self.record(row), ensure_ascii=False) + "\n")
+        from atlas_jax import fileio
+        fileio.atomic_write_lines(path, (json.dumps(self.record(row), ensure_ascii=False)
+                                         for row in range(len(self))))
 
 
 @dataclasses.dataclass
