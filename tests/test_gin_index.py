@@ -1,8 +1,16 @@
 """gin/index/*.gin: each file parses and configures the index the way it says."""
+import gin
 import pytest
 
 from atlas_jax import gin_config
 from atlas_jax.index import device, hybrid, passage_index, refresh, scann_backend
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    """No index binding (e.g. the faiss backend below) is left for later test files."""
+    yield
+    gin.clear_config(clear_constants=True)
 
 
 def test_exact_and_compressed():

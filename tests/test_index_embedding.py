@@ -76,9 +76,10 @@ def test_order_preserved_memmap_params_override_and_dtype(retriever, corpus, tmp
     zeroed = {"encoder": dict(retriever.params["encoder"])}
     zeroed["encoder"]["embeddings_norm"] = {"scale": np.zeros(384, np.float32),
                                             "bias": np.ones(384, np.float32)}
+    misses = embedding._compiled_tower.cache_info().misses
     again = embedding.embed_corpus(retriever, mapped, lengths, batch_size=8, progress=False,
                                    params=zeroed)
-    assert again.compile_seconds < 0.5
+    assert embedding._compiled_tower.cache_info().misses == misses   # no new compilation
     assert not np.allclose(again.embeddings, expected, atol=1e-3)
     np.testing.assert_allclose(again.embeddings, again.embeddings[:1].repeat(len(texts), 0),
                                atol=1e-4)  # constant input to the layers: one embedding
