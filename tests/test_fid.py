@@ -6,6 +6,7 @@ import pytest
 from flax.linen import meta
 
 from atlas_jax.models import fid, t5
+from tests.adist_reference import adist_masses
 
 CONFIG = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                      num_encoder_layers=2, num_decoder_layers=2,
@@ -93,3 +94,16 @@ def test_cross_attention_passage_scores(model_and_params):
     assert bool(jnp.all(half[:, :2] < masked[:, :2]))
     with pytest.raises(ValueError, match="mutable"):
         fid.cross_attention_passage_scores({}, 3)
+
+
+def test_cross_attention_passage_scores_equal_an_independent_computation(model_and_params):
+    """The ADist masses against a float64 numpy re-computation from the attention inputs
+    (tests/adist_reference.py): probability x |value|, over heads, layers, target tokens."""
+    model, params = model_and_params
+    ids = _passages(seed=3)
+    decoder_ids = np.random.default_rng(4).integers(1, 64, (2, 5)).astype(np.int32)
+    target_mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32)
+    _, state = model.apply({"params": params}, ids, decoder_ids, mutable=["intermediates"])
+    got = fid.cross_attention_passage_scores(state["intermediates"], 3, jnp.asarray(target_mask))
+    expected = adist_masses(model, params, ids, decoder_ids, target_mask)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5)

@@ -8,6 +8,7 @@ from flax.linen import meta
 
 from atlas_jax import joint_loss, objectives
 from atlas_jax.models import fid, retriever, t5
+from tests.adist_reference import adist_masses
 
 READER = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                      num_encoder_layers=1, num_decoder_layers=1,
@@ -100,6 +101,64 @@ def test_reader_signal_matches_direct_computation(setup, objective):
                 expected = -_direct_nll(models, params, batch["reader_ids"][b, k:k + 1], batch,
                                         b, normalised=objective == "pdist")
             np.testing.assert_allclose(signal[b, k], expected, rtol=1e-4, atol=1e-5)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - (np.log(np.exp(x - x.max()).sum()) + x.max())
+
+
+@pytest.mark.parametrize("objective", objectives.OBJECTIVES)
+def test_retriever_loss_value_matches_direct_computation(setup, objective):
+    """joint_loss's retriever loss against float64 numpy from the reader's likelihoods
+    (_direct_nll), the ADist masses (tests/adist_reference.py) and q . p / sqrt(D)."""
+    models, params, batch = setup
+    tau_gold, tau_score = 0.5, 0.7
+    config = objectives.ObjectiveConfig(objective=objective, temperature_gold=tau_gold,
+                                        temperature_score=tau_score)
+    _, metrics = joint_loss.joint_loss(params, batch, models, config, N_CONTEXT,
+                                       jax.random.key(3), deterministic=True)
+    if objective == "none":
+        assert float(metrics["retriever_loss"]) == 0.0
+        return
+    tower = lambda method, ids, mask: np.asarray(models.retriever.apply(  # noqa: E731
+        {"params": params["retriever"]}, ids, mask, method=method), np.float64)
+    queries = tower(models.retriever.embed_queries, batch["query_ids"], batch["query_mask"])
+    passages = tower(models.retriever.embed_passages,
+                     batch["passage_ids"].reshape(B * K, LP),
+                     batch["passage_mask"].reshape(B * K, LP)).reshape(B, K, -1)
+    scores = np.einsum("bd,bkd->bk", queries, passages) / np.sqrt(queries.shape[-1])
+    valid = np.asarray(batch["passage_valid"], bool)
+    ids = batch["reader_ids"]
+    if objective == "adist":           # the masses of the passages the reader read
+        signal = adist_masses(models.reader, params["reader"], np.asarray(ids[:, :N_CONTEXT]),
+                              np.asarray(batch["decoder_input_ids"]),
+                              np.asarray(batch["target_mask"]))
+        scores, valid = scores[:, :N_CONTEXT], valid[:, :N_CONTEXT]
+    else:
+        signal = np.zeros((B, K))
+        for b in range(B):
+            for k in range(K):
+                if objective == "loop":
+                    others = [j for j in range(K) if j != k]
+                    signal[b, k] = _direct_nll(models, params, ids[b, others], batch, b)
+                else:
+                    signal[b, k] = -_direct_nll(models, params, ids[b, k:k + 1], batch, b,
+                                                normalised=objective == "pdist")
+    per_row = []
+    for b in range(B):
+        keep = valid[b]
+        log_retrieval = _log_softmax(scores[b, keep] / tau_score)
+        if objective == "emdr2":
+            joint = signal[b, keep] + log_retrieval
+            per_row.append(-(np.log(np.exp(joint - joint.max()).sum()) + joint.max()))
+            continue
+        gold = signal[b, keep]
+        if objective == "adist":
+            gold = gold / gold.sum()                  # each passage's share of the mass
+        log_gold = _log_softmax(gold / tau_gold)
+        per_row.append(float(np.sum(np.exp(log_gold) * (log_gold - log_retrieval))))
+    np.testing.assert_allclose(float(metrics["retriever_loss"]), np.mean(per_row), rtol=1e-4)
 
 
 def test_query_side_training_freezes_the_passage_tower(setup):
