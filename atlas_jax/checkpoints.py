@@ -357,15 +357,16 @@ class MetricsLog:
                 raise ValueError(f"{self.path}:{number}: malformed JSON: {e.msg}") from None
         return records
 
-    def truncate_for_resume(self, step: int) -> None:
+    def truncate_for_resume(self, step: int, reevaluates: bool = True) -> None:
         """Keeps what a run resumed at `step` (0: a fresh start) will not write again: the
-        records before `step`, and the training record at `step`. Evaluations at `step` and
-        everything after it (from an attempt that died before its next checkpoint) go, so the
-        log holds each step's records once. Rewritten atomically."""
+        records before `step`, the training record at `step`, and the evaluation at `step`
+        unless the resumed run `reevaluates` it (its schedule evaluates that step). Everything
+        after `step` (from an attempt that died before its next checkpoint) goes, so the log
+        holds each step's records once. Rewritten atomically."""
         if not self.primary:
             return
         kept = [r for r in self.read() if r["step"] < step or (
-            r["step"] == step and not any(key.startswith("eval/") for key in r))]
+            r["step"] == step and not (reevaluates and any(k.startswith("eval/") for k in r)))]
         fileio.atomic_write_lines(self.path, (json.dumps(r, allow_nan=True) for r in kept))
 
     def truncate_after(self, step: int) -> None:

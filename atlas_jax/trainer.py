@@ -528,7 +528,11 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
         if not config.closed_book:
             index_step = int(meta["index_step"])
             index = load_index(run, index_step)
-    log.truncate_for_resume(start)
+    # The loop below evaluates `start` again only if its schedule says so (not when `start`
+    # was the previous run's last step and this run trains further).
+    log.truncate_for_resume(start, reevaluates=start >= config.train_steps or (
+        config.eval_at_start and start == 0) or bool(
+        config.eval_every and start % config.eval_every == 0))
     if latest is None and initial_index is not None and not config.closed_book:
         if len(initial_index.store) != len(run.store):
             raise ValueError(f"initial_index holds {len(initial_index.store)} passages, the "

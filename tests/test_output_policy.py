@@ -184,7 +184,9 @@ def test_metrics_log_keeps_each_step_once_after_a_resume(tmp_path):
     log.write(6, {"loss": 6.0})
     with open(log.path, "a") as f:
         f.write('{"step": 7, "lo')                # a kill mid-append
-    log.truncate_for_resume(4)                    # the checkpoint the relaunch restores
+    log.truncate_for_resume(4, reevaluates=False)  # a run continued past its last step
+    assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 4]
+    log.truncate_for_resume(4)                    # the relaunch evaluates step 4 again
     assert [(r["step"], sorted(r)) for r in log.read()] == [
         (s, ["loss", "step"]) for s in (1, 2, 3, 4)]
     log.truncate_for_resume(0)                    # a fresh start: an attempt without checkpoint
