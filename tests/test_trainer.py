@@ -63,6 +63,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert moved > 1e-3  # training changed the parameters (the comparison is not vacuous)
     logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # Per-step losses and the final optimizer state equal the uninterrupted run's too.
+    uninterrupted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
+    losses = lambda log: {r["step"]: r["loss"] for r in log if "loss" in r}  # noqa: E731
+    assert losses(logged) == pytest.approx(losses(uninterrupted), rel=1e-5, abs=1e-6)
+    import orbax.checkpoint as ocp
+    states = [flat(ocp.StandardCheckpointer().restore(
+        (tmp_path / run / "checkpoints" / "6" / "state").absolute())["opt_state"])
+        for run in ("whole", "split")]
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    for key in states[0]:
+        np.testing.assert_allclose(states[0][key], states[1][key], atol=1e-6, rtol=0,
+                                   err_msg=key)
     for name in ("config.gin", "checkpoints", "predictions"):
         assert (tmp_path / "split" / name).exists()
 
