@@ -25,11 +25,9 @@ isolates the locking from XLA. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -59,36 +57,6 @@ class LegacyHotSwapIndex:
             return self._version
 
 
-class HostBackend:
-    """Exact numpy search with DeviceBackend's update semantics and a `copy()` to fork."""
-    name, config, mesh = "host", None, None
-
-    def __init__(self, rows):
-        self.rows, self.alive = np.asarray(rows, np.float32), np.ones(len(rows), bool)
-
-    @property
-    def size(self):
-        return len(self.rows)
-
-    def search(self, queries, k, filters=None):
-        from atlas_jax.index import base
-        mask = self.alive[None] if filters is None else (
-            base.check_filters(filters, len(queries), self.size) & self.alive)
-        return base.exact_search(self.rows, queries, k, mask)
-
-    def add(self, rows):
-        self.rows = np.concatenate([self.rows, np.asarray(rows, np.float32)])
-        self.alive = np.concatenate([self.alive, np.ones(len(rows), bool)])
-
-    def delete(self, ids):
-        self.alive[ids] = False
-
-    def copy(self):
-        fork = copy.copy(self)
-        fork.alive = self.alive.copy()
-        return fork
-
-
 def record(i: int) -> dict:
     date = f"{2020 + i % 4}-{1 + i % 12:02d}-{1 + i % 28:02d}"
     payee, amount = f"payee {i % 300}", 10 + (7 * i) % 997
@@ -103,11 +71,11 @@ def embed(ids: range, dim: int) -> np.ndarray:
 
 
 def make_index(passages: int, dim: int, backend: str, kind: str):
-    from atlas_jax.index import passage_index, passages as passages_lib
+    from atlas_jax.index import base, passage_index, passages as passages_lib
     store = passages_lib.PassageStore.from_records([record(i) for i in range(passages)])
     rows = embed(range(passages), dim)
     if backend == "host":
-        index = passage_index.PassageIndex(store, rows, HostBackend(rows),
+        index = passage_index.PassageIndex(store, rows, base.HostBackend(rows),
                                            np.zeros(passages, bool))
     else:
         index = passage_index.PassageIndex.from_embeddings(store, rows, backend)
@@ -218,8 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     for kind, ratios in summary.items():
         print(f"{kind}: with adds, new holder x{ratios['new_vs_old_with_adds']:.1f} the "
               f"searches of the old one")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from atlas_jax import fileio
+    fileio.atomic_write_json(args.out, result)
     print(json.dumps(result))
     return result
 

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * row['refresh_fraction']:9.1f}%")
     print(f"refresh every {args.every}: {100 * result['refresh_fraction']:.1f}% of wall time, "
           f"wall x{result['wall_ratio_vs_never']:.3f} of never refreshing")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from atlas_jax import fileio
+    fileio.atomic_write_json(args.out, result)
     print(json.dumps(result))
     return result
 

@@ -1,7 +1,6 @@
 """HotSwapIndex under concurrent searches, updates (add / delete) and refreshes: no refresh
 fails because of an update, no update is lost, no search sees a mixed version, searches do
 not wait on writers (docs/robustness.md, "Hot-swap index under concurrent updates")."""
-import copy
 import threading
 import time
 import zlib
@@ -33,38 +32,7 @@ def record(passage_id: str) -> dict:
             "metadata": {"group": group(passage_id)}}
 
 
-class NumpyBackend:
-    """Exact search on the host, updated like `DeviceBackend` (`add` replaces the table,
-    `delete` writes the alive mask in place), with the `copy()` HotSwapIndex forks use. No
-    recompiles when the table grows, so readers get through many more searches."""
-    name, config, mesh = "numpy", None, None
-
-    def __init__(self, rows):
-        self.rows, self.alive = np.asarray(rows, np.float32), np.ones(len(rows), bool)
-
-    @property
-    def size(self):
-        return len(self.rows)
-
-    def search(self, queries, k, filters=None):
-        mask = self.alive[None] if filters is None else (
-            base.check_filters(filters, len(queries), self.size) & self.alive)
-        return base.exact_search(self.rows, queries, k, mask)
-
-    def add(self, rows):
-        self.rows = np.concatenate([self.rows, np.asarray(rows, np.float32)])
-        self.alive = np.concatenate([self.alive, np.ones(len(rows), bool)])
-
-    def delete(self, ids):
-        self.alive[ids] = False
-
-    def copy(self):
-        fork = copy.copy(self)
-        fork.alive = self.alive.copy()
-        return fork
-
-
-class UnforkableBackend(NumpyBackend):
+class UnforkableBackend(base.HostBackend):
     """Like a ScaNN backend: no cheap copy, so HotSwapIndex falls back to exclusive updates
     and refreshes that hold the writer lock."""
     name, copy = "unforkable", None
@@ -73,7 +41,7 @@ class UnforkableBackend(NumpyBackend):
 def index_over(store, rows, backend: str) -> passage_index.PassageIndex:
     if backend == "device":
         return passage_index.PassageIndex.from_embeddings(store, rows, "device")
-    backend_class = NumpyBackend if backend == "numpy" else UnforkableBackend
+    backend_class = base.HostBackend if backend == "host" else UnforkableBackend
     return passage_index.PassageIndex(store, rows, backend_class(rows),
                                       np.zeros(len(rows), bool))
 
@@ -98,7 +66,7 @@ def slow_rebuild(old: passage_index.PassageIndex) -> passage_index.PassageIndex:
     return new
 
 
-@pytest.mark.parametrize("backend", ["device", "numpy", "unforkable"])
+@pytest.mark.parametrize("backend", ["device", "host", "unforkable"])
 def test_search_update_refresh_concurrently(backend):
     holder = refresh.HotSwapIndex(make_index(backend))
     holder.search(QUERY, K, where=FILTER)                 # filters in use: cached table

@@ -7,6 +7,7 @@ honour "best k among the allowed rows" -- never "k results post-filtered down to
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -92,3 +93,34 @@ def exact_search(embeddings: np.ndarray, query_embeddings: np.ndarray, k: int,
     result.ids[:, :k_eff] = np.where(valid, top, -1)
     result.scores[:, :k_eff] = np.where(valid, top_scores, -np.inf)
     return result
+
+
+class HostBackend:
+    """Exact numpy search on the host, updated like `DeviceBackend` (`add` replaces the table,
+    `delete` writes the alive mask in place), with the cheap `copy()` that HotSwapIndex forks
+    use. A reference backend for tests and benchmarks (no device, no recompiles)."""
+    name, config, mesh = "host", None, None
+
+    def __init__(self, rows):
+        self.rows, self.alive = np.asarray(rows, np.float32), np.ones(len(rows), bool)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def search(self, queries, k, filters=None) -> SearchResult:
+        mask = self.alive[None] if filters is None else (
+            check_filters(filters, len(queries), self.size) & self.alive)
+        return exact_search(self.rows, queries, k, mask)
+
+    def add(self, rows) -> None:
+        self.rows = np.concatenate([self.rows, np.asarray(rows, np.float32)])
+        self.alive = np.concatenate([self.alive, np.ones(len(rows), bool)])
+
+    def delete(self, ids) -> None:
+        self.alive[ids] = False
+
+    def copy(self) -> "HostBackend":
+        fork = copy.copy(self)
+        fork.alive = self.alive.copy()
+        return fork
