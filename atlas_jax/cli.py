@@ -1,4 +1,4 @@
-"""`atlas-jax` command line (DESIGN.md §5).
+"""`atlas-jax` command line (docs/design.md §5).
 
 Subcommands are imported only when they run: `index` pulls in JAX and ScaNN, `data` pulls in
 TensorFlow and SeqIO, and neither should slow the other down.

@@ -1,4 +1,4 @@
-"""Multi-host launches (DESIGN.md §6): `jax.distributed.initialize` from flags, environment or
+"""Multi-host launches (docs/design.md §6): `jax.distributed.initialize` from flags, environment or
 gin, and the helpers a loop needs when one mesh spans several processes.
 
     atlas-jax train --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...

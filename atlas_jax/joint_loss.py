@@ -1,4 +1,4 @@
-"""The Atlas joint loss of one training batch (DESIGN.md §1): reader NLL + retriever loss.
+"""The Atlas joint loss of one training batch (docs/design.md §1): reader NLL + retriever loss.
 
     total, metrics = joint_loss(params, batch, models, objective, n_context, rng)
 

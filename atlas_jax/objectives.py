@@ -1,7 +1,7 @@
 """Retriever training objectives (Atlas): pure jax functions, one per objective.
 
 The retriever scores s_k = q . p_k / sqrt(D) are trained towards a gold signal g_k from the
-reader (DESIGN.md §1). Every gold score passes through `jax.lax.stop_gradient`: the reader is
+reader (docs/design.md §1). Every gold score passes through `jax.lax.stop_gradient`: the reader is
 never trained through the retriever loss, gradients reach only `scores`.
 
   pdist : g_k = mean token log-likelihood of the target given the query and passage k alone

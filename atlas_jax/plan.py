@@ -1,5 +1,5 @@
 """`atlas-jax plan`: memory, parameters, FLOPs and index shard size of a configuration's real
-train step, compiled ahead of time for a simulated mesh (DESIGN.md §5, §6).
+train step, compiled ahead of time for a simulated mesh (docs/design.md §5, §6).
 
     atlas-jax plan --gin_file=models/xxl.gin --gin_file=runs/finetune.gin --mesh 64x4 \
         --passages 32000000 --dtype bfloat16 --json plan.json

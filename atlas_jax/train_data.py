@@ -8,7 +8,7 @@
 A split is read once through its SeqIO task (`shuffle=False`, tokenized by the task's own
 preprocessors) and kept as numpy arrays: the order of training examples is then a function
 of (seed, step) alone, so a run resumed from step s reads exactly the batches an
-uninterrupted run reads (DESIGN.md §3), with no iterator state to checkpoint.
+uninterrupted run reads (docs/design.md §3), with no iterator state to checkpoint.
 
 `RetrievalBatcher.assemble` embeds the queries, searches the index (per-query metadata
 filters, the source passage of a pretraining example excluded, optionally over-retrieve and

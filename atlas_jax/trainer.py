@@ -1,5 +1,5 @@
 """The Atlas training loop: retrieve, one jit train step on the mesh, refresh, evaluate,
-checkpoint (DESIGN.md §1, §3).
+checkpoint (docs/design.md §1, §3).
 
     atlas-jax train --gin_file=runs/synthetic.gin --gin_file=objectives/pdist.gin \
         --gin.MODEL_DIR="'/tmp/run'"

@@ -161,7 +161,7 @@ _HF_T5_ACTIVATIONS = {"relu": ("relu",), "gated-gelu": ("gelu", "linear"),
 
 
 def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config:
-    """Reads the three shapes of HF T5 folders (see DESIGN.md §3): v1.0 (tied, scaled),
+    """Reads the three shapes of HF T5 folders (see docs/design.md §3): v1.0 (tied, scaled),
     hub v1.1 (untied `lm_head.weight`, unscaled), transformers-5 (`scale_decoder_outputs`)."""
     try:
         activations = _HF_T5_ACTIVATIONS[hf.get("feed_forward_proj", "relu")]

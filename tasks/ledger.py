@@ -4,7 +4,7 @@
 
   ledger.beancount   beancount's example ledger (`bean-example --seed S --date-begin START
                      --date-end END --date-birth BIRTH`, byte for byte), `bean-check` clean
-  passages.jsonl     one passage per transaction and per balance assertion (DESIGN.md §4):
+  passages.jsonl     one passage per transaction and per balance assertion (docs/design.md §4):
                      text = the entry as beancount's printer writes it; metadata `type`
                      (transaction|balance), `date` (ISO), `payee`, `narration`, `accounts`,
                      `amounts` (["45.60 USD", ...]), `amount` (float: the largest absolute
@@ -149,7 +149,7 @@ def load_ledger(path: str | Path, *, with_options: bool = False):
     """Parses, books and validates a Beancount file (what `bean-check` does).
 
     The pickle load cache of `beancount.loader.load_file` is bypassed: loading never writes
-    `.picklecache` files next to the ledger nor unpickles one (DESIGN.md §3).
+    `.picklecache` files next to the ledger nor unpickles one (docs/design.md §3).
 
     Returns:
       The date-sorted entries, or `(entries, options_map)` with `with_options=True`.

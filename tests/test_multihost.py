@@ -1,4 +1,4 @@
-"""Multi-host launches (DESIGN.md §6): two local CPU processes x 4 simulated devices, joined
+"""Multi-host launches (docs/design.md §6): two local CPU processes x 4 simulated devices, joined
 by `jax.distributed` over a loopback coordinator with gloo collectives, train through
 `atlas-jax train` exactly like one process with 8 devices (same mesh shape); the run's files
 are written once, and the 2-process checkpoint restores on 1 process with another mesh.

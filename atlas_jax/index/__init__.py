@@ -1,1 +1,1 @@
-"""Passage index: store, device and ScaNN backends, filters, refresh (see DESIGN.md §2)."""
+"""Passage index: store, device and ScaNN backends, filters, refresh (see docs/design.md §2)."""

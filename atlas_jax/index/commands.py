@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="index_command", required=True)
 
     build = commands.add_parser("build", help="embed a passages jsonl and save an index")
-    build.add_argument("--passages", required=True, help="passages jsonl (DESIGN.md §4)")
+    build.add_argument("--passages", required=True, help="passages jsonl (docs/design.md §4)")
     build.add_argument("--retriever", required=True,
                        help="retriever checkpoint folder or package:NAME")
     build.add_argument("--out", required=True, help="index directory to write")

@@ -1,6 +1,6 @@
 """Metadata filters: `--where` expressions evaluated as boolean masks over dense passage ids.
 
-A passage's `metadata` is a dict (DESIGN.md §4), e.g.
+A passage's `metadata` is a dict (docs/design.md §4), e.g.
 `{"date": "2023-04-01", "accounts": ["Expenses:Food:Groceries", "Assets:Bank:Checking"],
 "payee": "Whole Foods", "amount": 42.5}`. Nested dicts are addressed with dotted names
 (`{"a": {"b": 1}}` is field `a.b`).

@@ -1,4 +1,4 @@
-"""`PassageIndex`: a passage store, its embeddings and a search backend, saved as DESIGN.md §3.
+"""`PassageIndex`: a passage store, its embeddings and a search backend (docs/design.md §3).
 
 On disk (a directory, written atomically: built in a sibling temp dir, then renamed):
 

@@ -1,4 +1,4 @@
-"""Passage store: the passages jsonl of DESIGN.md §4, dense ids, and pre-tokenized arrays.
+"""Passage store: the passages jsonl of docs/design.md §4, dense ids, and pre-tokenized arrays.
 
 A passage line is `{"id": str, "title": str, "text": str, "metadata": {...}}`; `id` and `text`
 are required, `title` defaults to "" and `metadata` to {}. Row i of the store is dense id i;
