@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,8 @@ def _silence_failed_read_noise() -> None:
     """After a failed restore, orbax's abandoned TensorStore reads finish on other threads
     into a closed event loop and print tracebacks ("Event loop is closed", "Task exception
     was never retrieved") long after the error was reported: through the asyncio logger,
-    sys.unraisablehook, or sys.excepthook (TensorStore's callbacks call PyErr_Print). Drops
+    sys.unraisablehook, sys.excepthook (TensorStore's callbacks call PyErr_Print) or
+    threading.excepthook (a worker thread's uncaught error). Drops
     exactly those, for the rest of the process; everything else still reaches the previous
     hooks."""
     global _NOISE_FILTERED
@@ -285,7 +287,14 @@ def _silence_failed_read_noise() -> None:
     def except_hook(kind, error, traceback):
         if not closed_loop(error):
             previous_except(kind, error, traceback)
+
+    previous_thread = threading.excepthook
+
+    def thread_hook(args):      # the same error raised on one of orbax's worker threads
+        if not closed_loop(args.exc_value):
+            previous_thread(args)
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    threading.excepthook = thread_hook
 
 
 def _key_names(path: tuple) -> tuple[str, ...]:

@@ -184,11 +184,17 @@ def test_orbax_read_noise_is_dropped_and_nothing_else(monkeypatch, caplog):
     seen, printed = [], []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: printed.append(str(error)))
+    import threading
+    in_threads = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: in_threads.append(str(args.exc_value)))
     monkeypatch.setattr(checkpoints, "_NOISE_FILTERED", False)
     checkpoints._silence_failed_read_noise()
     for error in (RuntimeError("Event loop is closed"), RuntimeError("a real failure")):
         sys.excepthook(type(error), error, None)     # TensorStore's PyErr_Print path
+        threading.excepthook(types.SimpleNamespace(exc_value=error))   # a worker thread
     assert printed == ["a real failure"]
+    assert in_threads == ["a real failure"]
 
     def unraisable(error):
         sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
