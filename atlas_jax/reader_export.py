@@ -162,9 +162,11 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
             "salient": "salient-span masking of an entry field (REALM), among the same "
                        "distractors",
             "span": "T5 span corruption of an entry (density 0.15, mean span 3)",
+            "copy": "cued copy: the entry's tokens after a 4-token cue taken from it",
             "prefix": "prefix LM of an entry"},
         "mixture": {"read_fraction": config.read_fraction,
-                    "span_fraction": config.span_fraction, "lm_weight": config.lm_weight},
+                    "span_fraction": config.span_fraction,
+                    "copy_fraction": config.copy_fraction, "lm_weight": config.lm_weight},
         "training": {"steps": int(meta.get("step", 0)), "wall_s": round(meta.get("wall_s",
                                                                                0.0), 1),
                      "batch_size": config.batch_size, "n_passages": config.n_passages,

@@ -57,6 +57,7 @@ class ReaderPretrainConfig:
     lm_target_length: int = 48
     read_fraction: float = 0.7
     span_fraction: float = 0.5
+    copy_fraction: float = 0.0                # lm rows that are cued copies (reader_batches)
     alone_steps: int = 0                      # curriculum (reader_batches.BatchSizes)
     ramp_steps: int = 0
     full_fraction: float = 1.0
@@ -80,7 +81,8 @@ class ReaderPretrainConfig:
         return BatchSizes(self.batch_size, self.n_passages, self.input_length,
                           self.target_length, self.lm_batch_size, self.lm_input_length,
                           self.lm_target_length, self.read_fraction, self.span_fraction,
-                          self.alone_steps, self.ramp_steps, self.full_fraction)
+                          self.copy_fraction, self.alone_steps, self.ramp_steps,
+                          self.full_fraction)
 
 
 # ----------------------------------------------------------------------------- data
@@ -180,10 +182,15 @@ def make_train_step(model, optimizer, lm_weight: float):
 # ----------------------------------------------------------------------------- evaluation
 
 def copy_accuracy(reader, corpus, vocabulary, config: ReaderPretrainConfig,
-                  with_distractors: bool = True, seed: int = 0) -> dict[str, float]:
+                  with_distractors: bool = True, seed: int = 0,
+                  known: dict[str, set[str]] | None = None) -> dict[str, float]:
     """Exact-match rate of the greedy answer per field on `corpus`' examples (at most
     `eval_per_field` per field), the source among `n_passages - 1` distractors (or alone,
-    in a batch of one passage)."""
+    in a batch of one passage).
+
+    With `known` (`known_answers` of the training corpus), also `KIND/FIELD:novel`: the rate
+    on the examples whose answer never is a training answer of that field. A reader that
+    answers the commonest amounts scores on constants (rent, fees) but not there."""
     from atlas_jax import evaluation
     rng = random.Random(seed)
     chosen: list[tuple[str, Any, int]] = []
@@ -204,8 +211,21 @@ def copy_accuracy(reader, corpus, vocabulary, config: ReaderPretrainConfig,
         for (name, pool, i), row in zip(part, tokens):
             predicted = _strip(vocabulary.decode([int(t) for t in row if t > 1]))
             answer = vocabulary.decode([int(t) for t in pool.answers[i]])
-            hits.setdefault(name, []).append(evaluation.exact_match(predicted, [answer]))
+            hit = evaluation.exact_match(predicted, [answer])
+            hits.setdefault(name, []).append(hit)
+            if known is not None and answer not in known.get(name, ()):
+                hits.setdefault(f"{name}:novel", []).append(hit)
     return {name: float(np.mean(v)) for name, v in sorted(hits.items())}
+
+
+def known_answers(corpus, vocabulary) -> dict[str, set[str]]:
+    """{`KIND/FIELD`: the answer texts of `corpus`' examples}."""
+    known: dict[str, set[str]] = {}
+    for kind, pool in corpus.pools.items():
+        for field, answer in zip(pool.fields, pool.answers):
+            known.setdefault(f"{kind}/{field}", set()).add(
+                vocabulary.decode([int(t) for t in answer]))
+    return known
 
 
 def _strip(text: str) -> str:
@@ -239,6 +259,7 @@ def train(config: ReaderPretrainConfig) -> dict:
     print(f"reader pre-training: {sum(np.size(x) for x in jax.tree.leaves(params)):,} "
           f"parameters, vocabulary {vocabulary.vocab_size}, examples {summary['examples']}, "
           f"from step {start} to {config.train_steps}", flush=True)
+    known = known_answers(corpus, vocabulary)
     record: dict = {}
     mark, sums = time.perf_counter(), {}
     for step in range(start, config.train_steps):
@@ -258,8 +279,9 @@ def train(config: ReaderPretrainConfig) -> dict:
             mark, sums = time.perf_counter(), {}
         if done % config.eval_every == 0 or done == config.train_steps:
             reader = weights.Reader(model_config, params)
-            accuracy = copy_accuracy(reader, heldout, vocabulary, config)
-            alone = copy_accuracy(reader, heldout, vocabulary, config, with_distractors=False)
+            accuracy = copy_accuracy(reader, heldout, vocabulary, config, known=known)
+            alone = copy_accuracy(reader, heldout, vocabulary, config, with_distractors=False,
+                                  known=known)
             record = log.write(done, {**{f"heldout/{k}": v for k, v in accuracy.items()},
                                       **{f"heldout_alone/{k}": v for k, v in alone.items()}})
             print(json.dumps(record), flush=True)

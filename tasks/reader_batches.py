@@ -7,7 +7,8 @@ uninterrupted run would have read. Two arrays per step:
             `"title: {t} context: {p}"` + EOS, the source entry at a random position among
             K - 1 distractors; targets (B, T): `<extra_id_0> {answer}` + EOS
             (a `read` probe with probability `read_fraction`, else a `salient` masked entry)
-  lm        inputs (B', 1, L'), targets (B', T'): span corruption or prefix LM of an entry
+  lm        inputs (B', 1, L'), targets (B', T'): span corruption, cued copy or prefix LM of
+            an entry
 
     corpus = TokenizedCorpus.build([records, ...], vocabulary, seed)
     batch = corpus.batch(step, seed, sizes)
@@ -36,7 +37,8 @@ class BatchSizes:
     lm_input_length: int = 96
     lm_target_length: int = 48
     read_fraction: float = 0.7    # reading rows that are probes (the rest salient)
-    span_fraction: float = 0.5    # lm rows that are span corruption (the rest prefix LM)
+    span_fraction: float = 0.5    # lm rows that are span corruption
+    copy_fraction: float = 0.0    # lm rows that are cued copies (the rest prefix LM)
     # Curriculum: a FiD reader learns to copy from one passage in a few hundred steps, but
     # does not learn it at all when every example has distractors from the start (measured
     # on the synthetic task and on ledgers). Until `alone_steps` the source is alone (the
@@ -86,6 +88,8 @@ class TokenizedCorpus:
         self.question_head = np.asarray(vocabulary.encode("question:"), np.int32)
         self.target_head = np.asarray(vocabulary.encode(SENTINEL), np.int32)
         self.sentinels = [int(vocabulary.encode(f"<extra_id_{i}>")[-1]) for i in range(100)]
+        self.copy_head = np.asarray(vocabulary.encode("copy after:"), np.int32)
+        self.copy_tail = np.asarray(vocabulary.encode("text:"), np.int32)
 
     @classmethod
     def build(cls, ledgers: Sequence[Sequence[dict]], vocabulary, seed: int = 0,
@@ -176,6 +180,22 @@ class TokenizedCorpus:
         return (_padded(list(tokens[:split]), input_length),
                 _padded(list(tokens[split:]), target_length))
 
+    def cued_copy(self, tokens: np.ndarray, input_length: int, target_length: int,
+                  rng: np.random.Generator, cue: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """`copy after: {cue} text: {entry}` -> the entry's tokens that follow the cue.
+
+        The cue is `cue` consecutive tokens at a random position of the entry; the target is
+        what follows them, copied. Every target token is in the input, right after the one
+        copied before it: the induction step that copying an amount digit by digit needs,
+        trained on every token of the target instead of on a few answer tokens."""
+        room = input_length - 1 - len(self.copy_head) - len(self.copy_tail) - cue
+        tokens = tokens[:room]
+        start = int(rng.integers(0, max(1, len(tokens) - cue - 1)))
+        inputs = np.concatenate([self.copy_head, tokens[start:start + cue], self.copy_tail,
+                                 tokens])
+        return (_padded(list(inputs), input_length),
+                _padded(list(tokens[start + cue:]), target_length))
+
     # ------------------------------------------------------------------ batches
 
     def batch(self, step: int, seed: int, sizes: BatchSizes) -> dict[str, np.ndarray]:
@@ -196,7 +216,9 @@ class TokenizedCorpus:
         for b in range(sizes.lm_batch_size):
             ledger = rng.randrange(len(self.texts))
             tokens = self.texts[ledger][rng.randrange(len(self.texts[ledger]))]
-            make = (self.span_corruption if rng.random() < sizes.span_fraction
+            draw = rng.random()
+            make = (self.span_corruption if draw < sizes.span_fraction
+                    else self.cued_copy if draw < sizes.span_fraction + sizes.copy_fraction
                     else self.prefix_lm)
             lm_inputs[b, 0], lm_targets[b] = make(tokens, sizes.lm_input_length,
                                                   sizes.lm_target_length, rng_np)

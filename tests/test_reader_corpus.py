@@ -130,3 +130,34 @@ def test_curriculum_starts_alone_then_adds_distractors(corpus):
     assert ((early != 0).any(axis=2).sum(axis=1) == 1).all()
     full = tokenized.batch(60, 0, sizes)["inputs"]
     assert ((full != 0).any(axis=2).sum(axis=1) > 1).any()
+
+
+def test_cued_copy_targets_what_follows_the_cue_in_the_input(corpus):
+    _, _, tokenized = corpus
+    rng = np.random.default_rng(0)
+    head, tail = list(tokenized.copy_head), list(tokenized.copy_tail)
+    for tokens in tokenized.texts[0][:40]:
+        inputs, targets = tokenized.cued_copy(tokens, 96, 48, rng, cue=4)
+        ins = list(inputs[:list(inputs).index(1)])
+        outs = list(targets[:list(targets).index(1)])
+        assert ins[:len(head)] == head
+        cue = ins[len(head):len(head) + 4]
+        assert ins[len(head) + 4:len(head) + 4 + len(tail)] == tail
+        entry = ins[len(head) + 4 + len(tail):]
+        assert entry == list(tokens[:len(entry)]) and len(outs) > 0
+        # the target is the entry's continuation of the cue, every token of it in the input
+        starts = [i for i in range(len(entry) - 3) if entry[i:i + 4] == cue]
+        assert any(entry[i + 4:i + 4 + len(outs)] == outs for i in starts)
+
+
+def test_copy_fraction_mixes_cued_copies_into_the_lm_rows(corpus):
+    _, _, tokenized = corpus
+    head = list(tokenized.copy_head)
+    def copies(fraction):
+        sizes = reader_batches.BatchSizes(batch_size=1, lm_batch_size=16,
+                                          copy_fraction=fraction, span_fraction=0.3)
+        rows = np.concatenate([tokenized.batch(s, 0, sizes)["lm_inputs"][:, 0]
+                               for s in range(10)])
+        return sum(list(r[:len(head)]) == head for r in rows) / len(rows)
+    assert copies(0.0) == 0.0
+    assert 0.3 < copies(0.4) < 0.5
