@@ -44,12 +44,26 @@ def test_report_schema_and_files(demo_run):
     assert set(report["systems"]) == set(SYSTEMS)
     for name, system in report["systems"].items():
         assert {"em", "f1", "recall_at_k", "em_by_kind"} <= set(system)
-        assert 0.0 <= system["em"] <= 1.0 and 0.0 <= system["f1"] <= 1.0
+        # EM overall and per kind are those of the system's predictions file (recomputed)
+        records = [json.loads(line) for line in
+                   (out / "predictions" / f"{name}_test.jsonl").read_text().splitlines()]
+        hits = [_squad(r["prediction"]) in {_squad(a) for a in r["answers"]} for r in records]
+        assert system["examples"] == len(records) > 0
+        assert system["em"] == pytest.approx(sum(hits) / len(hits))
+        kind = [r["id"].split(":")[0] for r in records]
+        for name_, rate in system["em_by_kind"].items():
+            mine = [h for h, k in zip(hits, kind) if k == name_]
+            assert rate == pytest.approx(sum(mine) / len(mine)), (name, name_)
         assert set(system["em_by_kind"]) >= {"payment_amount", "payee_of", "expense_account"}
         if name == "closed_book":
             assert system["recall_at_k"] is None
         else:
             assert set(system["recall_at_k"]) == {"1", "5", "20"}
+            gold = [r for r in records if r["gold_ids"]]
+            for k, rate in system["recall_at_k"].items():
+                assert rate == pytest.approx(sum(
+                    bool(set(r["gold_ids"]) & set(r["retrieved"][:int(k)])) for r in gold)
+                    / len(gold)), (name, k)
     assert {"stale_em", "refreshed_em"} <= set(report["hot_swap"])
     assert report["timings_s"]["total"] > 0 and "pretrain_joint" in report["timings_s"]
     # Every system starts from the reader shipped with the package, vocabulary included.
@@ -65,6 +79,14 @@ def test_report_schema_and_files(demo_run):
     for stage in ("pretrain_joint", "pretrain_frozen", "finetune_joint", "finetune_closed_book"):
         assert any((out / "runs" / stage / "checkpoints").iterdir()), stage
         assert (out / "runs" / stage / "metrics.jsonl").is_file()
+
+
+def _squad(text):
+    """SQuAD's answer normalisation, written out here."""
+    import re
+    import string
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def test_retrieval_filters_and_hot_swap(demo_run):

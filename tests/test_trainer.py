@@ -126,11 +126,25 @@ def test_eval_and_infer_read_the_latest_checkpoint(tmp_path):
                        "'validation'")
     metrics = trainer.evaluate_checkpoint(config)
     assert metrics["step"] == 3 and metrics["eval/examples"] == 8
-    assert 0 <= metrics["eval/recall@5"] <= 1
     records = [json.loads(line) for line in open(metrics["predictions"])]
     assert len(records) == 8 and all(len(r["retrieved"]) == 8 for r in records)
+    # The metrics are those of the predictions written beside them (recomputed here).
+    for k in (1, 5):
+        assert metrics[f"eval/recall@{k}"] == pytest.approx(np.mean(
+            [bool(set(r["gold_ids"]) & set(r["retrieved"][:k])) for r in records]))
+    assert metrics["eval/em"] == pytest.approx(np.mean(
+        [_squad(r["prediction"]) in {_squad(a) for a in r["answers"]} for r in records]))
     inferred = trainer.evaluate_checkpoint(config, infer=True)
     assert inferred["eval/examples"] == 50  # the whole split, no eval_limit
+
+
+def _squad(text):
+    """SQuAD's answer normalisation, written out here: lower case, no punctuation, no
+    articles, single spaces."""
+    import re
+    import string
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def test_configuration_errors_name_the_binding(tmp_path):
