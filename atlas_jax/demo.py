@@ -503,7 +503,8 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
             "reader": gin.query_parameter("weights.build_reader.checkpoint"),
         },
     }
-    demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()})
+    demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()},
+                      STAGES)
     return report
 
 

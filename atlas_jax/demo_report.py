@@ -56,8 +56,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
-    """plots/loss_curves.png (loss per stage) and plots/recall_at_k.png (recall per system)."""
+def plot(out: Path, report: dict, metrics_paths: dict[str, Path],
+         starts_from: dict[str, str | None] | None = None) -> list[Path]:
+    """plots/loss_curves.png (loss per stage) and plots/recall_at_k.png (recall per system).
+
+    `starts_from`: stage -> the stage whose parameters it starts from (`demo.STAGES`); a
+    pre-training continuation is drawn after that stage's steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,7 +69,6 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
 
-    from atlas_jax.demo import STAGES
     stages = report["config"].get("stages", {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, path in metrics_paths.items():
@@ -74,7 +77,7 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
             continue
         pretraining = name.startswith("pretrain")
         # A pre-training continuation is drawn after the steps of the stage it starts from.
-        source = STAGES.get(name)
+        source = (starts_from or {}).get(name)
         offset = stages.get(source, {}).get("steps", 0) if pretraining and source else 0
         ax = axes[0] if pretraining else axes[1]
         ax.plot([offset + r["step"] for r in rows], [r["reader_loss"] for r in rows],
@@ -104,9 +107,10 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path]) -> list[Path]:
     return written
 
 
-def write(out: Path, report: dict, metrics_paths: dict[str, Path]) -> None:
+def write(out: Path, report: dict, metrics_paths: dict[str, Path],
+          starts_from: dict[str, str | None] | None = None) -> None:
     """report.json, plots, report.md (the table, the systems explained, the plots)."""
-    plots = plot(out, report, metrics_paths)
+    plots = plot(out, report, metrics_paths, starts_from)
     fileio.atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=False))
     config = report["config"]
     lines = [
