@@ -150,7 +150,7 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "parameter_shapes": parameter_shapes(reader),
         "vocabulary": {"file": "spiece.model", "size_with_sentinels":
                        int(summary.get("spm_pieces", 0)), "split_digits": config.split_digits,
-                       "sentinels": 100},
+                       "number_pieces": config.number_pieces, "sentinels": 100},
         "data": {"ledgers": summary.get("ledgers"),
                  "heldout_ledger": summary.get("heldout_ledger"),
                  "examples": summary.get("examples"),
@@ -211,6 +211,8 @@ def card_markdown(card: dict) -> str:
             f"{card['heldout_copy_accuracy_step']}; `read/` probes name a field, `salient/` "
             f"mask it; the entry among {t['n_passages'] - 1} distractors, or alone):"
             f"\n\n| field | among distractors | alone |\n| --- | --- | --- |\n{rows}\n\n"
+            f"`:novel`: the examples whose answer no training example has (an amount the "
+            f"reader cannot have memorised, only copied).\n\n"
             f"Files and sha256: see `model_card.json`.\n")
 
 

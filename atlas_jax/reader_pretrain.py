@@ -48,6 +48,7 @@ class ReaderPretrainConfig:
     lm_weight: float = 0.5                    # span / prefix-LM loss weight
     spm_vocab_size: int = 2000                # pieces before the 100 sentinels
     split_digits: bool = True                 # numbers and years copied digit by digit
+    number_pieces: bool = False               # two-digit and cents groups as pieces
     batch_size: int = 24
     n_passages: int = 4
     input_length: int = 160
@@ -109,7 +110,8 @@ def prepare_corpus(config: ReaderPretrainConfig):
                   for e in reader_corpus.reading_examples(rs, rng, "read")]
         tmp = folder / "spiece.tmp.model"
         vocab.train_reader_spiece(texts, tmp, vocab_size=config.spm_vocab_size,
-                                  split_digits=config.split_digits)
+                                  split_digits=config.split_digits,
+                                  number_pieces=config.number_pieces)
         tmp.replace(spm)
     vocabulary = vocab.reader_vocabulary(str(spm))
     train = reader_batches.TokenizedCorpus.build(records, vocabulary, config.seed,

@@ -13,8 +13,14 @@ from atlas_jax import fileio
 NUM_EXTRA_IDS = 100
 
 
+# `number_pieces`: every two-digit group and every cents group its own piece, matched before
+# the unigram model segments (SentencePiece's user-defined symbols), so `2018-02-28` is
+# `20 18 - 02 - 28` and `4394.20` is `43 94 .20` wherever they appear.
+NUMBER_PIECES = tuple(f"{i:02d}" for i in range(100)) + tuple(f".{i:02d}" for i in range(100))
+
+
 def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000,
-                        split_digits: bool = False) -> Path:
+                        split_digits: bool = False, number_pieces: bool = False) -> Path:
     """Trains a unigram SentencePiece model on `texts` with T5's special ids; writes
     `out_path` (a .model file) and returns it. `vocab_size` is an upper bound for small
     corpora (hard_vocab_limit off). `split_digits`: every digit its own piece (as PaLM and
@@ -25,7 +31,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: 
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False, character_coverage=1.0, split_digits=split_digits,
-        minloglevel=2)
+        user_defined_symbols=list(NUMBER_PIECES) if number_pieces else [], minloglevel=2)
     out_path = Path(out_path)
     fileio.atomic_write_bytes(out_path, model.getvalue())
     return out_path

@@ -181,16 +181,20 @@ class TokenizedCorpus:
                 _padded(list(tokens[split:]), target_length))
 
     def cued_copy(self, tokens: np.ndarray, input_length: int, target_length: int,
-                  rng: np.random.Generator, cue: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator, cue: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """`copy after: {cue} text: {entry}` -> the entry's tokens that follow the cue.
 
-        The cue is `cue` consecutive tokens at a random position of the entry; the target is
-        what follows them, copied. Every target token is in the input, right after the one
-        copied before it: the induction step that copying an amount digit by digit needs,
+        The cue is `cue` consecutive tokens at a random position of the entry (None: half
+        the rows 4 tokens, half none, the copy then starting at the entry's first token);
+        the target is what follows them, copied. Every target token is in the input, right
+        after the one copied before it: the induction step that copying an amount needs,
         trained on every token of the target instead of on a few answer tokens."""
+        if cue is None:
+            cue = 4 if rng.random() < 0.5 else 0
         room = input_length - 1 - len(self.copy_head) - len(self.copy_tail) - cue
         tokens = tokens[:room]
-        start = int(rng.integers(0, max(1, len(tokens) - cue - 1)))
+        start = int(rng.integers(0, max(1, len(tokens) - cue - 1))) if cue else 0
         inputs = np.concatenate([self.copy_head, tokens[start:start + cue], self.copy_tail,
                                  tokens])
         return (_padded(list(inputs), input_length),

@@ -140,8 +140,8 @@ def passage_texts(passages_file: str | Path) -> Iterator[str]:
 
 
 def train_reader_spiece(corpus: str | Path | Iterable[str], out_path: str | Path,
-                        vocab_size: int = 32000, split_digits: bool = False
-                        ) -> seqio.SentencePieceVocabulary:
+                        vocab_size: int = 32000, split_digits: bool = False,
+                        number_pieces: bool = False) -> seqio.SentencePieceVocabulary:
     """Trains a reader SentencePiece model with T5's ids and returns its vocabulary.
 
     Args:
@@ -149,11 +149,12 @@ def train_reader_spiece(corpus: str | Path | Iterable[str], out_path: str | Path
       out_path: where the `.model` file is written.
       vocab_size: piece count before the 100 sentinels (an upper bound on small corpora).
       split_digits: one piece per digit (numbers copied digit by digit).
+      number_pieces: two-digit groups and cents as pieces (`vocabulary.NUMBER_PIECES`).
 
     Returns:
       `reader_vocabulary(out_path)`: sentinel ids checked.
     """
     texts = passage_texts(corpus) if isinstance(corpus, (str, Path)) else corpus
     path = train_sentencepiece(texts, out_path, vocab_size=vocab_size,
-                               split_digits=split_digits)
+                               split_digits=split_digits, number_pieces=number_pieces)
     return reader_vocabulary(str(path))

@@ -111,3 +111,27 @@ def test_split_digits_gives_one_piece_per_digit(tmp_path):
     assert all(len(d) == 1 for d in digits)
     # without it, a corpus of amounts learns multi-digit pieces
     assert any(sum(c.isdigit() for c in p) > 1 for p in pieces[False])
+
+
+def test_number_pieces_segment_every_number_the_same_way(tmp_path):
+    # The pieces SentencePiece learns by itself depend on the corpus (`▁25 .21` but
+    # `▁ 24.32`); with number_pieces a number is groups of one or two digits then its cents,
+    # in an entry, an answer or a question alike.
+    ledger_lines = [f'2019-03-{n % 28 + 1:02d} * "Shop" Expenses:Food  {n}.{n % 97:02d} USD'
+                    for n in range(10, 400)]
+    path = tmp_path / "numbers.model"
+    vocabulary = vocab.train_reader_spiece(ledger_lines, path, vocab_size=300,
+                                           number_pieces=True)
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+
+    def numbers(text):
+        return [p.lstrip("\u2581") for p in processor.encode_as_pieces(text)
+                if any(c.isdigit() for c in p)]
+    odd = numbers("Expenses 118.79 USD")
+    assert "".join(odd) == "118.79" and odd[-1] == ".79" and len(odd) == 3
+    assert numbers("  -4394.20 USD") == ["43", "94", ".20"]
+    assert numbers("2018-02-28 balance") == ["20", "18", "02", "28"]
+    for text in ("Expenses 118.79 USD", "Shop 40.88 USD on 2018-02-28"):
+        assert vocabulary.decode(vocabulary.encode(text)) == text
+    # the same amount, in an entry and alone
+    assert numbers("Liabilities:US:Chase:Slate  -25.21 USD") == numbers("25.21 USD")
