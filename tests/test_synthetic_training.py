@@ -40,17 +40,23 @@ def recall_change(evals: dict) -> dict[str, tuple[float, float]]:
 SELECTING_READER = pytest.mark.xfail(strict=True, raises=AssertionError,
                                      reason="needs a reader that selects among passages; "
                                             "see synthetic_reader.py and docs/reader.md")
+# The expected failures run 120 steps, not 300 (CI time): enough to exercise every part of
+# their training path, and enough for a gold signal to move recall past the bar (PDist on
+# this config at step 120: recall@5 0.02 -> 0.32, recall@20 0.08 -> 0.58).
+STEPS = {"adist": 120, "loop": 120}
 
 
 @pytest.mark.parametrize("objective", [pytest.param("adist", marks=SELECTING_READER),
                                        pytest.param("loop", marks=SELECTING_READER),
                                        "emdr2", "none"])
 def test_objective_raises_recall_on_synthetic(tmp_path, objective):
+    steps = STEPS.get(objective, 300)
     gin_config.parse(["runs/synthetic.gin", f"objectives/{objective}.gin"],
-                     [f"MODEL_DIR = '{tmp_path}'", MESH, "TrainConfig.progress = False"])
+                     [f"MODEL_DIR = '{tmp_path}'", MESH, "TrainConfig.progress = False",
+                      f"TRAIN_STEPS = {steps}"])
     atlas_jax_tasks.register_configured_tasks()
     result = trainer.train(trainer.TrainConfig())
-    assert sorted(result.evals) == [0, 300]
+    assert sorted(result.evals) == [0, steps]
     change = recall_change(result.evals)
     if objective == "none":
         assert all(before == after for before, after in change.values()), change
