@@ -25,8 +25,7 @@ demo: $(STAMP)
 
 # The reader shipped in atlas_jax/readers/ledger_t5: unsupervised pre-training on generated
 # ledgers (gin/runs/reader_pretrain.gin; 31 min on 2 cores for the shipped one, resumable),
-# then the export
-# (weights, vocabulary, model card). READER_RUN keeps the checkpoints.
+# then the export (weights, vocabulary, model card). READER_RUN keeps the checkpoints.
 READER_RUN ?= reader_run
 reader: $(STAMP)
 	XLA_FLAGS= $(VENV)/bin/atlas-jax reader pretrain --gin_file=runs/reader_pretrain.gin \
