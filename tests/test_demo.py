@@ -15,6 +15,7 @@ import gin
 import pytest
 
 from atlas_jax.demo import SYSTEMS
+from tests.squad_reference import exact_match
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_report_schema_and_files(demo_run):
         # EM overall and per kind are those of the system's predictions file (recomputed)
         records = [json.loads(line) for line in
                    (out / "predictions" / f"{name}_test.jsonl").read_text().splitlines()]
-        hits = [_squad(r["prediction"]) in {_squad(a) for a in r["answers"]} for r in records]
+        hits = [exact_match(r["prediction"], r["answers"]) for r in records]
         assert system["examples"] == len(records) > 0
         assert system["em"] == pytest.approx(sum(hits) / len(hits))
         kind = [r["id"].split(":")[0] for r in records]
@@ -79,14 +80,6 @@ def test_report_schema_and_files(demo_run):
     for stage in ("pretrain_joint", "pretrain_frozen", "finetune_joint", "finetune_closed_book"):
         assert any((out / "runs" / stage / "checkpoints").iterdir()), stage
         assert (out / "runs" / stage / "metrics.jsonl").is_file()
-
-
-def _squad(text):
-    """SQuAD's answer normalisation, written out here."""
-    import re
-    import string
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def test_retrieval_filters_and_hot_swap(demo_run):

@@ -14,6 +14,7 @@ import pytest
 import atlas_jax_tasks
 from atlas_jax import checkpoints, gin_config, trainer
 from atlas_jax.train_data import batch_rows
+from tests.squad_reference import exact_match
 
 
 @pytest.fixture(autouse=True)
@@ -133,18 +134,9 @@ def test_eval_and_infer_read_the_latest_checkpoint(tmp_path):
         assert metrics[f"eval/recall@{k}"] == pytest.approx(np.mean(
             [bool(set(r["gold_ids"]) & set(r["retrieved"][:k])) for r in records]))
     assert metrics["eval/em"] == pytest.approx(np.mean(
-        [_squad(r["prediction"]) in {_squad(a) for a in r["answers"]} for r in records]))
+        [exact_match(r["prediction"], r["answers"]) for r in records]))
     inferred = trainer.evaluate_checkpoint(config, infer=True)
     assert inferred["eval/examples"] == 50  # the whole split, no eval_limit
-
-
-def _squad(text):
-    """SQuAD's answer normalisation, written out here: lower case, no punctuation, no
-    articles, single spaces."""
-    import re
-    import string
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def test_configuration_errors_name_the_binding(tmp_path):
