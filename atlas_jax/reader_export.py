@@ -33,11 +33,17 @@ _ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
 
 
 def hf_config(config) -> dict:
-    """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields)."""
+    """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields).
+
+    A reader with `copy_head` adds `"atlas_jax_copy_head": true` and three tensors named
+    `atlas_jax.copy_head.*`: `load_reader` restores them; transformers loads the T5 part and
+    drops them (with its unused-weights warning), which is a different model.
+    """
     activations = tuple(config.mlp_activations)
     if activations not in _ACTIVATIONS_TO_HF:
         raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
-    return {
+    extra = {"atlas_jax_copy_head": True} if getattr(config, "copy_head", False) else {}
+    return extra | {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
         "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
@@ -144,7 +150,10 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
     return {
         "format": CARD_FORMAT,
         "name": folder.name,
-        "architecture": "T5 v1.1 (gated GELU, untied output layer), Fusion-in-Decoder reader",
+        "architecture": "T5 v1.1 (gated GELU, untied output layer), Fusion-in-Decoder reader"
+                        + (" with a pointer-generator copy head (`atlas_jax.copy_head.*` "
+                           "tensors: transformers drops them)"
+                           if getattr(reader.config, "copy_head", False) else ""),
         "config": hf_config(reader.config),
         "parameters": int(sum(np.prod(s) for s in parameter_shapes(reader).values())),
         "parameter_shapes": parameter_shapes(reader),

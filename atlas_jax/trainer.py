@@ -332,7 +332,8 @@ def _make_generate_fn(run: Run, max_length: int) -> Callable:
     def generate(params, passage_ids):
         encoded, mask = model.apply({"params": params}, passage_ids,
                                     method=model.encode_passages)
-        return decoding.generate(model, params, encoded, mask, max_length)
+        return decoding.generate(model, params, encoded, mask, max_length,
+                                 encoder_ids=passage_ids.reshape(mask.shape))
 
     def call(params, passage_ids):
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):

@@ -189,7 +189,8 @@ def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), logits_via_embedding=tied,
         scale_decoder_outputs=bool(scale), pad_id=hf.get("pad_token_id", 0) or 0,
         eos_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 1,
-        decoder_start_id=hf.get("decoder_start_token_id", 0) or 0)
+        decoder_start_id=hf.get("decoder_start_token_id", 0) or 0,
+        copy_head=bool(hf.get("atlas_jax_copy_head", False)))
 
 
 def t5_hf_mapping(config: t5.T5Config) -> dict[str, tuple[str, Callable]]:
@@ -226,6 +227,9 @@ def t5_hf_mapping(config: t5.T5Config) -> dict[str, tuple[str, Callable]]:
         m[f"{side}/{side}_norm/scale"] = (f"{side}.final_layer_norm.weight", _ID)
     if not config.logits_via_embedding:
         m["decoder/logits_dense/kernel"] = ("lm_head.weight", _T)
+    if config.copy_head:  # ours, not transformers': it ignores these (see reader_export)
+        for name in ("query", "key", "gate"):
+            m[f"decoder/copy_head/{name}/kernel"] = (f"atlas_jax.copy_head.{name}.weight", _T)
     return m
 
 
@@ -258,7 +262,8 @@ class Reader:
         def run(params, passage_ids, max_length, beam_size):
             encoded, mask = self.model.apply({"params": params}, passage_ids,
                                              method=self.model.encode_passages)
-            return decoding.generate(self.model, params, encoded, mask, max_length, beam_size)
+            return decoding.generate(self.model, params, encoded, mask, max_length, beam_size,
+                                     encoder_ids=passage_ids.reshape(mask.shape))
         return jax.jit(run, static_argnums=(2, 3))
 
     @staticmethod

@@ -130,13 +130,15 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, batch_size: int, b
 
 
 def generate(model: nn.Module, params: Any, encoded: jax.Array, encoder_mask: jax.Array,
-             max_length: int, beam_size: int = 1, alpha: float = 0.6):
+             max_length: int, beam_size: int = 1, alpha: float = 0.6,
+             encoder_ids: jax.Array | None = None):
     """Decodes from encoder states with a key/value cache.
 
     Args:
       model: a `t5.Transformer` (or FiD subclass); params: its parameters.
       encoded: (batch, source_length, embed); encoder_mask: (batch, source_length) bool.
       beam_size: 1 for greedy search.
+      encoder_ids: (batch, source_length) source tokens; needed by a `copy_head` reader.
     Returns:
       greedy: tokens (batch, max_length); beam: (sequences (batch, beam, max_length), scores).
     """
@@ -144,14 +146,17 @@ def generate(model: nn.Module, params: Any, encoded: jax.Array, encoder_mask: ja
     batch_size = encoded.shape[0]
     _, variables = model.apply(
         {"params": params}, encoded, encoder_mask, jnp.zeros((batch_size, max_length), jnp.int32),
-        decode=True, max_decode_length=max_length, mutable=["cache"], method=model.decode)
+        decode=True, max_decode_length=max_length, mutable=["cache"], method=model.decode,
+        encoder_ids=encoder_ids)
     # Beam search tiles the cache (cross-attention keys/values included) to batch * beam rows.
     step_mask = jnp.repeat(encoder_mask, beam_size, axis=0)
+    step_ids = None if encoder_ids is None else jnp.repeat(encoder_ids, beam_size, axis=0)
 
     def tokens_to_logits(tokens, cache):
         logits, variables = model.apply(
             {"params": params, "cache": cache}, None, step_mask, tokens, decode=True,
-            max_decode_length=max_length, mutable=["cache"], method=model.decode)
+            max_decode_length=max_length, mutable=["cache"], method=model.decode,
+            encoder_ids=step_ids)
         return logits[:, -1], variables["cache"]
 
     if beam_size == 1:

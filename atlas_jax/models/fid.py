@@ -34,7 +34,8 @@ class FusionInDecoder(t5.Transformer):
                  deterministic: bool = True) -> jax.Array:
         """Teacher-forced logits (batch, target_length, vocab)."""
         encoded, mask = self.encode_passages(passage_ids, deterministic)
-        return self.decode(encoded, mask, decoder_input_ids, deterministic)
+        return self.decode(encoded, mask, decoder_input_ids, deterministic,
+                           encoder_ids=passage_ids.reshape(mask.shape))
 
 
 def cross_attention_passage_scores(intermediates: Any, n_passages: int,

@@ -51,6 +51,8 @@ class T5Config:
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0
+    # Pointer-generator output (not T5, not in Hugging Face): see `CopyHead`.
+    copy_head: bool = False
 
     @property
     def compute_dtype(self):
@@ -231,6 +233,46 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class CopyHead(nn.Module):
+    """Pointer-generator output layer (See et al., 2017, "Get To The Point"), optional.
+
+    p(y) = g * softmax(logits)(y) + (1 - g) * sum_{s: source_id[s] = y} a(s), where a is one
+    attention distribution of the decoder's final state over the encoder states (all FiD
+    passages together) and g = sigmoid(w . state). A small reader trained from scratch learns
+    to *point* at a number in the evidence far sooner than to route its identity through
+    cross-attention values into the vocabulary projection, which is what a plain T5 must do.
+
+    Returns log p (batch, length, vocab) as float32 "logits": every consumer applies
+    log_softmax, which leaves normalised log-probabilities unchanged. Parameters:
+    decoder/copy_head/{query, key, gate}/kernel. In decode mode the projected keys are cached
+    like the cross-attention keys.
+    """
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, encoded, encoder_mask, encoder_ids, logits, decode: bool):
+        cfg = self.config
+        dim = cfg.head_dim
+        query_init = lambda *a: layers.default_kernel_init(*a) / np.sqrt(dim)  # noqa: E731
+        query = layers.Dense(dim, ("embed", "kv"), dtype=cfg.compute_dtype, kernel_init=query_init,
+                             name="query")(x)
+        key_projection = layers.Dense(dim, ("embed", "kv"), dtype=cfg.compute_dtype, name="key")
+        if decode:
+            key = self.variable("cache", "cached_key", lambda: key_projection(encoded)).value
+        else:
+            key = key_projection(encoded)
+        scores = jnp.einsum("btd,bsd->bts", query, key).astype(jnp.float32)
+        scores = jnp.where(encoder_mask[:, None, :], scores, -1e9)
+        pointer = jax.nn.softmax(scores, axis=-1)  # (batch, length, source)
+        vocab = logits.shape[-1]
+        copy = jax.vmap(lambda a, ids: jnp.zeros((a.shape[0], vocab), jnp.float32)
+                        .at[:, ids].add(a))(pointer, encoder_ids)
+        gate = layers.Dense(1, ("embed", "kv"), dtype=cfg.compute_dtype, name="gate")(x)
+        gate = gate.astype(jnp.float32)
+        return jnp.logaddexp(jax.nn.log_sigmoid(gate) + jax.nn.log_softmax(logits, axis=-1),
+                             jax.nn.log_sigmoid(-gate) + jnp.log(jnp.maximum(copy, 1e-30)))
+
+
 def _relpos(config: T5Config) -> RelativePositionBiases:
     return RelativePositionBiases(config.relative_attention_num_buckets,
                                   config.relative_attention_max_distance, config.num_heads,
@@ -264,14 +306,19 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_ids: jax.Array,
                  deterministic: bool, decode: bool = False,
-                 max_decode_length: int | None = None) -> jax.Array:
+                 max_decode_length: int | None = None,
+                 encoder_ids: jax.Array | None = None) -> jax.Array:
         """Teacher-forced logits (batch, length, vocab), or one step in `decode` mode.
 
         encoded: (batch, source_length, embed); encoder_mask: (batch, source_length) bool.
         In decode mode decoder_input_ids is (batch, 1) and the self-attention cache must have
-        been created by a first call with (batch, max_decode_length) ids.
+        been created by a first call with (batch, max_decode_length) ids. encoder_ids
+        (batch, source_length), the source tokens, are needed only with `copy_head`.
         """
         cfg = self.config
+        if cfg.copy_head and encoder_ids is None:
+            raise ValueError("T5Config.copy_head: the decoder needs encoder_ids (the source "
+                             "tokens it may copy)")
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
         x = dropout(self.shared_embedding(decoder_input_ids))
         length = max_decode_length if decode else decoder_input_ids.shape[-1]
@@ -283,6 +330,7 @@ class Decoder(nn.Module):
             x = layer_cls(cfg, name=f"layers_{i}")(x, encoded, self_bias, self_mask, cross_mask,
                                                    deterministic, decode)
         x = dropout(_norm(cfg, "decoder_norm")(x))
+        state = x
         if cfg.scale_decoder_outputs:
             x = x * (cfg.emb_dim ** -0.5)
         if cfg.logits_via_embedding:
@@ -290,6 +338,9 @@ class Decoder(nn.Module):
         else:
             logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype,
                                   name="logits_dense")(x)
+        if cfg.copy_head:
+            logits = CopyHead(cfg, name="copy_head")(state, encoded, encoder_mask, encoder_ids,
+                                                     logits.astype(jnp.float32), decode)
         return nn.with_logical_constraint(logits.astype(jnp.float32),
                                           ("batch", "length", "vocab"))
 
@@ -308,15 +359,16 @@ class Transformer(nn.Module):
         return self.encoder(encoder_input_ids, deterministic)
 
     def decode(self, encoded, encoder_mask, decoder_input_ids, deterministic: bool = True,
-               decode: bool = False, max_decode_length: int | None = None):
+               decode: bool = False, max_decode_length: int | None = None,
+               encoder_ids: jax.Array | None = None):
         return self.decoder(encoded, encoder_mask, decoder_input_ids, deterministic, decode,
-                            max_decode_length)
+                            max_decode_length, encoder_ids)
 
     def __call__(self, encoder_input_ids: jax.Array, decoder_input_ids: jax.Array,
                  deterministic: bool = True) -> jax.Array:
         encoded = self.encode(encoder_input_ids, deterministic)
         return self.decode(encoded, encoder_input_ids != self.config.pad_id, decoder_input_ids,
-                           deterministic)
+                           deterministic, encoder_ids=encoder_input_ids)
 
 
 def shift_right(targets: jax.Array, decoder_start_id: int = 0) -> jax.Array:

@@ -1,0 +1,125 @@
+"""The pointer-generator copy head (`T5Config.copy_head`), checked against a numpy
+re-computation of its formula, incremental decoding, and the save/load round trip."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.linen import meta
+from safetensors.numpy import load_file, save_file
+
+import atlas_jax
+from atlas_jax import reader_export, weights
+from atlas_jax.models import decoding, fid, t5
+
+CONFIG = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
+                     num_encoder_layers=2, num_decoder_layers=2,
+                     mlp_activations=("gelu", "linear"), logits_via_embedding=False,
+                     scale_decoder_outputs=False, dropout_rate=0.0, copy_head=True)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = fid.FusionInDecoder(CONFIG)
+    params = model.init(jax.random.key(0), jnp.ones((1, 2, 6), jnp.int32),
+                        jnp.ones((1, 3), jnp.int32))["params"]
+    return model, meta.unbox(params)
+
+
+def _passages(seed=0, batch=2, k=3, length=10):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, 40, size=(batch, k, length)).astype(np.int32)  # ids >= 40 never occur
+    ids[:, 1, 6:] = 0  # passage 1 padded
+    ids[0, 2, 3] = ids[0, 0, 1]  # a token twice in the source: its pointer mass adds up
+    return ids
+
+
+def _numpy_mixture(model, params, ids, decoder_ids):
+    """log p from the captured decoder state and plain logits, with the formula written out."""
+    _, state = model.apply({"params": params}, ids, decoder_ids,
+                           capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]["decoder"]
+    hidden = np.asarray(inter["decoder_norm"]["__call__"][0], np.float64)
+    logits = np.asarray(inter["logits_dense"]["__call__"][0], np.float64)
+    head = params["decoder"]["copy_head"]
+    encoded, mask = model.apply({"params": params}, ids, method=model.encode_passages)
+    encoded, mask = np.asarray(encoded, np.float64), np.asarray(mask)
+    q = hidden @ np.asarray(head["query"]["kernel"], np.float64)
+    k = encoded @ np.asarray(head["key"]["kernel"], np.float64)
+    gate = 1 / (1 + np.exp(-(hidden @ np.asarray(head["gate"]["kernel"], np.float64))))
+    source = ids.reshape(ids.shape[0], -1)
+    out = np.zeros(logits.shape)
+    for b in range(logits.shape[0]):
+        scores = np.where(mask[b][None], q[b] @ k[b].T, -np.inf)
+        pointer = np.exp(scores - scores.max(-1, keepdims=True))
+        pointer /= pointer.sum(-1, keepdims=True)
+        vocab = np.exp(logits[b] - logits[b].max(-1, keepdims=True))
+        vocab /= vocab.sum(-1, keepdims=True)
+        copy = np.zeros_like(vocab)
+        for s, token in enumerate(source[b]):
+            copy[:, token] += pointer[:, s]
+        out[b] = np.log(gate[b] * vocab + (1 - gate[b]) * copy)
+    return out
+
+
+def test_output_is_the_pointer_generator_mixture(model_and_params):
+    model, params = model_and_params
+    ids = _passages()
+    decoder_ids = np.array([[0, 5, 9, 11], [0, 7, 7, 3]], np.int32)
+    got = np.asarray(model.apply({"params": params}, ids, decoder_ids), np.float64)
+    np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, atol=1e-5)
+    want = _numpy_mixture(model, params, ids, decoder_ids)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_incremental_decoding_equals_teacher_forcing(model_and_params):
+    model, params = model_and_params
+    ids = _passages(seed=3)
+    decoder_ids = np.array([[0, 5, 9, 11], [0, 7, 7, 3]], np.int32)
+    forced = np.asarray(model.apply({"params": params}, ids, decoder_ids))
+    encoded, mask = model.apply({"params": params}, ids, method=model.encode_passages)
+    source = ids.reshape(2, -1)
+    _, cache = model.apply({"params": params}, encoded, mask, jnp.zeros((2, 4), jnp.int32),
+                           decode=True, max_decode_length=4, mutable=["cache"],
+                           method=model.decode, encoder_ids=source)
+    cache = cache["cache"]
+    for t in range(4):
+        step, new = model.apply({"params": params, "cache": cache}, None, mask,
+                                decoder_ids[:, t:t + 1], decode=True, max_decode_length=4,
+                                mutable=["cache"], method=model.decode, encoder_ids=source)
+        cache = new["cache"]
+        np.testing.assert_allclose(step[:, -1], forced[:, t], atol=1e-4)
+    greedy = decoding.generate(model, params, encoded, mask, 4, encoder_ids=source)
+    beams, _ = decoding.generate(model, params, encoded, mask, 4, beam_size=3,
+                                 encoder_ids=source)
+    assert greedy.shape == (2, 4) and beams.shape == (2, 3, 4)
+
+
+def test_decoder_without_source_ids_is_refused(model_and_params):
+    model, params = model_and_params
+    encoded, mask = model.apply({"params": params}, _passages(), method=model.encode_passages)
+    with pytest.raises(ValueError, match="copy_head.*encoder_ids"):
+        model.apply({"params": params}, encoded, mask, np.zeros((2, 3), np.int32),
+                    method=model.decode)
+
+
+def test_save_and_load_keep_the_copy_head(model_and_params, tmp_path):
+    model, params = model_and_params
+    reader = weights.Reader(CONFIG, params)
+    reader_export.save_reader(reader, tmp_path / "r")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["atlas_jax_copy_head"] is True
+    loaded = atlas_jax.load_reader(tmp_path / "r")
+    assert loaded.config.copy_head
+    ids, decoder_ids = _passages(), np.array([[0, 5, 9], [0, 7, 7]], np.int32)
+    np.testing.assert_allclose(loaded.logits(ids, decoder_ids), reader.logits(ids, decoder_ids),
+                               atol=1e-6)
+    np.testing.assert_array_equal(loaded.generate(ids, max_length=5),
+                                  reader.generate(ids, max_length=5))
+    # Without its copy tensors the folder is refused, naming the missing tensor.
+    tensors = load_file(tmp_path / "r" / "model.safetensors")
+    del tensors["atlas_jax.copy_head.gate.weight"]
+    save_file(tensors, tmp_path / "r" / "model.safetensors")
+    with pytest.raises(weights.CheckpointError, match="atlas_jax.copy_head.gate.weight"):
+        atlas_jax.load_reader(tmp_path / "r")
