@@ -24,7 +24,7 @@ demo: $(STAMP)
 	XLA_FLAGS= $(VENV)/bin/atlas-jax demo --out demo_out
 
 # The reader shipped in atlas_jax/readers/ledger_t5: unsupervised pre-training on generated
-# ledgers (gin/runs/reader_pretrain.gin; 31 min on 2 cores for the shipped one, resumable),
+# ledgers (gin/runs/reader_pretrain.gin; 33 min on 2 cores for the shipped one, resumable),
 # then the export (weights, vocabulary, model card). READER_RUN keeps the checkpoints.
 READER_RUN ?= reader_run
 reader: $(STAMP)

@@ -165,14 +165,18 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
                  "examples": summary.get("examples"),
                  "generator": "beancount bean-example (write_example_ledger)",
                  "never_used": "QA templates, questions or answers of any split"},
-        "objectives": {
+        "objectives": {name: text for name, text in {
             "read": "multi-passage reading: one field of an entry named, two others as cues, "
                     f"the entry among {config.n_passages - 1} distractors",
             "salient": "salient-span masking of an entry field (REALM), among the same "
                        "distractors",
             "span": "T5 span corruption of an entry (density 0.15, mean span 3)",
             "copy": "cued copy: the entry's tokens after a 4-token cue taken from it",
-            "prefix": "prefix LM of an entry"},
+            "prefix": "prefix LM of an entry"}.items()
+            if {"span": config.lm_weight * config.span_fraction,  # the used ones only
+                "copy": config.lm_weight * config.copy_fraction,
+                "prefix": config.lm_weight * (1 - config.span_fraction - config.copy_fraction)
+                }.get(name, 1) > 0},
         "mixture": {"read_fraction": config.read_fraction,
                     "span_fraction": config.span_fraction,
                     "copy_fraction": config.copy_fraction, "lm_weight": config.lm_weight},
