@@ -1,30 +1,24 @@
 """The pointer-generator copy head (`T5Config.copy_head`), checked against a numpy
 re-computation of its formula, incremental decoding, and the save/load round trip."""
+import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.linen import meta
 from safetensors.numpy import load_file, save_file
 
 import atlas_jax
 from atlas_jax import reader_export, weights
-from atlas_jax.models import decoding, fid, t5
+from atlas_jax.models import decoding
+from tests import test_fid
 
-CONFIG = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
-                     num_encoder_layers=2, num_decoder_layers=2,
-                     mlp_activations=("gelu", "linear"), logits_via_embedding=False,
-                     scale_decoder_outputs=False, dropout_rate=0.0, copy_head=True)
+CONFIG = dataclasses.replace(test_fid.CONFIG, copy_head=True)
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    model = fid.FusionInDecoder(CONFIG)
-    params = model.init(jax.random.key(0), jnp.ones((1, 2, 6), jnp.int32),
-                        jnp.ones((1, 3), jnp.int32))["params"]
-    return model, meta.unbox(params)
+    return test_fid.init_fid(CONFIG)
 
 
 def _passages(seed=0, batch=2, k=3, length=10):

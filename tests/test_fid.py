@@ -14,12 +14,17 @@ CONFIG = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim
                      scale_decoder_outputs=False, dropout_rate=0.0)
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
-    model = fid.FusionInDecoder(CONFIG)
+def init_fid(config: t5.T5Config):
+    """(FiD model, unboxed parameters) of `config`, seed 0."""
+    model = fid.FusionInDecoder(config)
     params = model.init(jax.random.key(0), jnp.ones((1, 2, 6), jnp.int32),
                         jnp.ones((1, 3), jnp.int32))["params"]
     return model, meta.unbox(params)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    return init_fid(CONFIG)
 
 
 def _passages(seed=0, batch=2, k=3, length=10):
