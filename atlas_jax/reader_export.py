@@ -42,7 +42,7 @@ def hf_config(config) -> dict:
     activations = tuple(config.mlp_activations)
     if activations not in _ACTIVATIONS_TO_HF:
         raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
-    extra = {"atlas_jax_copy_head": True} if getattr(config, "copy_head", False) else {}
+    extra = {"atlas_jax_copy_head": True} if config.copy_head else {}
     return extra | {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
@@ -153,7 +153,7 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "architecture": "T5 v1.1 (gated GELU, untied output layer), Fusion-in-Decoder reader"
                         + (" with a pointer-generator copy head (`atlas_jax.copy_head.*` "
                            "tensors: transformers drops them)"
-                           if getattr(reader.config, "copy_head", False) else ""),
+                           if reader.config.copy_head else ""),
         "config": hf_config(reader.config),
         "parameters": int(sum(np.prod(s) for s in parameter_shapes(reader).values())),
         "parameter_shapes": parameter_shapes(reader),

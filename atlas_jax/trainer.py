@@ -330,10 +330,7 @@ def _make_generate_fn(run: Run, max_length: int) -> Callable:
 
     @jax.jit
     def generate(params, passage_ids):
-        encoded, mask = model.apply({"params": params}, passage_ids,
-                                    method=model.encode_passages)
-        return decoding.generate(model, params, encoded, mask, max_length,
-                                 encoder_ids=passage_ids.reshape(mask.shape))
+        return decoding.generate_from_passages(model, params, passage_ids, max_length)
 
     def call(params, passage_ids):
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):

@@ -260,10 +260,8 @@ class Reader:
     @functools.cached_property
     def _generate_fn(self):
         def run(params, passage_ids, max_length, beam_size):
-            encoded, mask = self.model.apply({"params": params}, passage_ids,
-                                             method=self.model.encode_passages)
-            return decoding.generate(self.model, params, encoded, mask, max_length, beam_size,
-                                     encoder_ids=passage_ids.reshape(mask.shape))
+            return decoding.generate_from_passages(self.model, params, passage_ids, max_length,
+                                                   beam_size)
         return jax.jit(run, static_argnums=(2, 3))
 
     @staticmethod

@@ -164,3 +164,12 @@ def generate(model: nn.Module, params: Any, encoded: jax.Array, encoder_mask: ja
                              cfg.eos_id, cfg.decoder_start_id, cfg.pad_id)
     return beam_search(tokens_to_logits, variables["cache"], batch_size, beam_size, max_length,
                        cfg.eos_id, cfg.decoder_start_id, cfg.pad_id, alpha)
+
+
+def generate_from_passages(model: nn.Module, params: Any, passage_ids: jax.Array,
+                           max_length: int, beam_size: int = 1, alpha: float = 0.6):
+    """`generate` for a FiD model from its (batch, n_passages, length) input ids: encodes the
+    passages, then decodes with their ids as the source a `copy_head` reader copies from."""
+    encoded, mask = model.apply({"params": params}, passage_ids, method=model.encode_passages)
+    return generate(model, params, encoded, mask, max_length, beam_size, alpha,
+                    encoder_ids=passage_ids.reshape(mask.shape))
