@@ -178,16 +178,17 @@ class Retriever:
                 else np.zeros((0, self.config.embedding_dim), np.float32))
 
 
-def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str | Path | None = None
-                   ) -> Retriever:
+def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str | Path | None = None,
+                   head_dim: int = 64) -> Retriever:
     """Loads a retriever: a Hugging Face BERT folder (config.json, model.safetensors,
     tokenizer files, optional sentence-transformers pooling config), or an Atlas reference
     `model.pth.tar` (its Contriever; `tokenizer=` a BERT vocab.txt or tokenizer.json, since
-    the file holds none). `shared_towers=False` gives untied query and passage towers (both
-    from the same weights unless the checkpoint has two)."""
+    the file holds none; `head_dim`, Contriever's attention head size, is not in it either).
+    `shared_towers=False` gives untied query and passage towers (both from the same weights
+    unless the checkpoint has two)."""
     folder = resolve_path(path)
     if detect_format(folder) == "atlas":
-        return _retriever_from_atlas(folder, tokenizer, shared_towers)
+        return _retriever_from_atlas(folder, tokenizer, shared_towers, head_dim)
     config = retriever_config_from_hf(folder)
     tensors = read_safetensors(folder)
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
@@ -200,8 +201,9 @@ def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str 
     return Retriever(config, params, tokenizer_object, folder)
 
 
-def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool) -> Retriever:
-    config, params = atlas_format.load_retriever_params(path)
+def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool, head_dim: int
+                          ) -> Retriever:
+    config, params = atlas_format.load_retriever_params(path, head_dim)
     if not shared_towers and config.shared_towers:
         config = dataclasses.replace(config, shared_towers=False)
         params = retriever_lib.untie_params(params)
@@ -210,14 +212,14 @@ def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool) -> Retriev
     return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, path)
 
 
-def load_atlas(path: str | Path, tokenizer: str | Path | None = None
+def load_atlas(path: str | Path, tokenizer: str | Path | None = None, head_dim: int = 64
                ) -> tuple[Reader, Retriever]:
     """An Atlas reference checkpoint (`torch.save` of {"step", "model", "opt", ...}) ->
     (reader, retriever). Nothing in the file is executed (see formats/torch_pickle.py)."""
     path = resolve_path(path)
     if detect_format(path) != "atlas":
         raise CheckpointError(f"{path}: not an Atlas model file (a torch.save archive)")
-    return load_reader(path), _retriever_from_atlas(path, tokenizer, True)
+    return load_reader(path), _retriever_from_atlas(path, tokenizer, True, head_dim)
 
 
 # ----------------------------------------------------------------------------- gin builders
