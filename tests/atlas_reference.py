@@ -75,3 +75,19 @@ def write_atlas_checkpoint(path: Path, reader, query, passage=None, module: bool
                 "scheduler": {"last_epoch": step, "_step_count": step + 1, "lr_lambdas": [None]},
                 "retr_scheduler": None, "opt": opt}, path)
     return path
+
+
+def write_atlas_saved_index(folder: Path, records: list[dict], embeddings, shards: int) -> Path:
+    """The reference's DistributedIndex.save_index: one [dim, N] float16 tensor, shard k
+    saved as the view embeddings[:, a:b] (torch.save keeps the whole storage, an offset and
+    strides) and its passages as a plain pickle."""
+    import pickle
+    folder.mkdir(parents=True, exist_ok=True)
+    matrix = torch.as_tensor(embeddings).T.to(torch.float16).contiguous()   # [dim, N]
+    per_shard = -(-len(records) // shards)
+    for k in range(shards):
+        a, b = k * per_shard, min(len(records), (k + 1) * per_shard)
+        torch.save(matrix[:, a:b], folder / f"embeddings.{k}.pt")
+        with open(folder / f"passages.{k}.pt", "wb") as f:
+            pickle.dump(records[a:b], f, protocol=pickle.HIGHEST_PROTOCOL)
+    return folder

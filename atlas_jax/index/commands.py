@@ -35,10 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metadata filter: field=v, field!=v, field^=prefix, field>=v, "
                              "field<=v, field>v, field<v (repeat to AND)")
     search.add_argument("--hybrid", action="store_true", help="fuse BM25 with dense scores")
-    search.add_argument("--retriever", help="query tower (default: the index's retriever)")
+    search.add_argument("--retriever", help="query tower (default: the index's retriever): "
+                        "a folder, package:NAME or an Atlas model.pth.tar")
+    search.add_argument("--tokenizer", help="the retriever's tokenizer file (vocab.txt or "
+                        "tokenizer.json) when the checkpoint holds none (Atlas)")
     search.add_argument("--backend", choices=passage_index.BACKENDS,
                         help="override the saved backend")
     search.set_defaults(run=run_search)
+
+    imported = commands.add_parser(
+        "import-atlas", help="convert the Atlas reference's saved index (embeddings.<k>.pt + "
+        "passages.<k>.pt) into an atlas-jax index, shard by shard")
+    imported.add_argument("--dir", required=True, help="the reference's saved index folder")
+    imported.add_argument("--out", required=True, help="index directory to write")
+    imported.add_argument("--backend", choices=passage_index.BACKENDS, default="device")
+    imported.add_argument("--checkpoint", help="the Atlas model.pth.tar whose retriever built "
+                          "it (recorded as the index's retriever)")
+    imported.set_defaults(run=run_import_atlas)
 
     bench = commands.add_parser("bench", help="exact vs device vs ScaNN vs faiss")
     from atlas_jax.index import benchmark
@@ -85,6 +98,23 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_import_atlas(args: argparse.Namespace) -> int:
+    from atlas_jax import fileio, weights
+    from atlas_jax.formats import atlas_index
+    try:
+        fileio.check_output(args.out, passage_index.OUTPUT_KIND,
+                            legacy=passage_index.is_legacy_index)
+        stats = atlas_index.import_index(args.dir, args.out, backend=args.backend,
+                                         checkpoint=args.checkpoint)
+    except (ValueError, FileNotFoundError, FileExistsError, fileio.OutputFolderError,
+            weights.CheckpointError) as e:
+        return _fail(str(e))
+    print(json.dumps({"index": args.out, **stats,
+                      "passages_per_s": round(stats["passages"] / max(stats["seconds"], 1e-9),
+                                              1)}))
+    return 0
+
+
 def run_search(args: argparse.Namespace) -> int:
     from atlas_jax import weights
     try:
@@ -92,7 +122,9 @@ def run_search(args: argparse.Namespace) -> int:
         checkpoint = args.retriever or manifest["retriever"]["checkpoint"]
         if not checkpoint:
             return _fail(f"{args.index}/manifest.json names no retriever: pass --retriever")
-        retriever = weights.load_retriever(checkpoint)
+        retriever = weights.load_retriever(checkpoint, tokenizer=args.tokenizer)
+        if retriever.tokenizer is None:
+            return _fail(f"{checkpoint} holds no tokenizer: pass --tokenizer vocab.txt")
         index = passage_index.PassageIndex.load(args.index, backend=args.backend,
                                                 retriever_dim=retriever.config.embedding_dim)
         mask = index.filter_mask(args.where)

@@ -244,22 +244,8 @@ class PassageIndex:
         False; returns the directory."""
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"index dtype {dtype!r} is not one of {SAVE_DTYPES}")
-        directory = Path(directory)
-        # Replacing is only safe for a folder this project wrote as an index: anything else
-        # is refused (fileio.OutputFolderError) and left untouched.
-        fileio.check_output(directory, OUTPUT_KIND, legacy=is_legacy_index)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        fileio.remove_staging_leftovers(directory.parent, directory.name)
-        staging = fileio.staging_folder(directory)
-        try:
-            self._write(staging, dtype, include_bm25)
-            fileio.write_marker(staging, OUTPUT_KIND)
-            fileio.fault_point("index_save")
-            fileio.replace_folder(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return directory
+        return write_atomically(directory, lambda staging: self._write(staging, dtype,
+                                                                       include_bm25))
 
     def _write(self, out: Path, dtype: str, include_bm25: bool) -> None:
         (out / "embeddings").mkdir()
@@ -290,17 +276,11 @@ class PassageIndex:
             self.backend.save(out / "scann")
         if include_bm25:
             self.bm25.save(out / "bm25")
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "count": len(self.store),
-            "dim": self.dim, "dtype": dtype, "shards": shards,
-            "retriever": {"checkpoint": self.retriever_checkpoint, "step": self.retriever_step},
-            "passages": {"file": "passages.jsonl",
-                         "sha256": passages_lib.file_sha256(out / "passages.jsonl")},
-            "backend": backend, "deleted": "deleted.npy",
-            "tokens": "tokens/retriever" if self.tokens is not None else None,
-            "bm25": "bm25" if include_bm25 else None,
-        }
-        fileio.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out, count=len(self.store), dim=self.dim, dtype=dtype, shards=shards,
+                       retriever={"checkpoint": self.retriever_checkpoint,
+                                  "step": self.retriever_step},
+                       backend=backend, tokens="tokens/retriever" if self.tokens is not None
+                       else None, bm25="bm25" if include_bm25 else None)
 
     @classmethod
     def load(cls, directory: str | Path, mesh=None, backend: str | None = None,
@@ -357,6 +337,41 @@ class PassageIndex:
         return cls(store, embeddings, backend_obj, deleted.astype(bool),
                    manifest["retriever"]["checkpoint"], manifest["retriever"]["step"], tokens,
                    bm25_directory)
+
+
+def write_atomically(directory: str | Path, write: Any) -> Path:
+    """Runs `write(staging)` in a sibling staging folder, marks it an index and swaps it in:
+    a reader of `directory` sees the old or the new index, never a mix. Replacing is only
+    safe for a folder this project wrote as an index: anything else is refused
+    (fileio.OutputFolderError) and left untouched."""
+    directory = Path(directory)
+    fileio.check_output(directory, OUTPUT_KIND, legacy=is_legacy_index)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    fileio.remove_staging_leftovers(directory.parent, directory.name)
+    staging = fileio.staging_folder(directory)
+    try:
+        write(staging)
+        fileio.write_marker(staging, OUTPUT_KIND)
+        fileio.fault_point("index_save")
+        fileio.replace_folder(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def write_manifest(out: Path, *, count: int, dim: int, dtype: str, shards: list[dict],
+                   retriever: dict, backend: dict, tokens: str | None, bm25: str | None,
+                   passages_file: str = "passages.jsonl", deleted: str = "deleted.npy") -> None:
+    """manifest.json of an index folder whose other files are written."""
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "count": count, "dim": dim,
+        "dtype": dtype, "shards": shards, "retriever": retriever,
+        "passages": {"file": passages_file,
+                     "sha256": passages_lib.file_sha256(out / passages_file)},
+        "backend": backend, "deleted": deleted, "tokens": tokens, "bm25": bm25,
+    }
+    fileio.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def tokenize_store(store: passages_lib.PassageStore, retriever: Any,
