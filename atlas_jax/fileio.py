@@ -258,3 +258,27 @@ def remove_staging_leftovers(parent: str | Path, name: str | None = None) -> Non
         if (entry.is_dir() and entry.name.startswith(prefix)
                 and (".staging-" in entry.name or ".old." in entry.name)):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_folder(target: str | Path, kind: str, write: Any, legacy: Any = None,
+                 fault: str | None = None) -> Path:
+    """Writes a whole output folder of `kind` atomically: `write(staging)` fills a sibling
+    staging folder, which is marked and renamed onto `target` (a reader sees the old folder
+    or the new one, never a mix; on any error nothing is left behind). An existing `target`
+    is replaced only when `check_output` allows it."""
+    import shutil
+    target = Path(target)
+    check_output(target, kind, legacy)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_staging_leftovers(target.parent, target.name)
+    staging = staging_folder(target)
+    try:
+        write(staging)
+        write_marker(staging, kind)
+        if fault:
+            fault_point(fault)
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -340,24 +339,11 @@ class PassageIndex:
 
 
 def write_atomically(directory: str | Path, write: Any) -> Path:
-    """Runs `write(staging)` in a sibling staging folder, marks it an index and swaps it in:
-    a reader of `directory` sees the old or the new index, never a mix. Replacing is only
-    safe for a folder this project wrote as an index: anything else is refused
-    (fileio.OutputFolderError) and left untouched."""
-    directory = Path(directory)
-    fileio.check_output(directory, OUTPUT_KIND, legacy=is_legacy_index)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    fileio.remove_staging_leftovers(directory.parent, directory.name)
-    staging = fileio.staging_folder(directory)
-    try:
-        write(staging)
-        fileio.write_marker(staging, OUTPUT_KIND)
-        fileio.fault_point("index_save")
-        fileio.replace_folder(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    """`fileio.write_folder` for an index: a reader of `directory` sees the old or the new
+    index, never a mix. Replacing is only safe for a folder this project wrote as an index:
+    anything else is refused (fileio.OutputFolderError) and left untouched."""
+    return fileio.write_folder(directory, OUTPUT_KIND, write, legacy=is_legacy_index,
+                               fault="index_save")
 
 
 def write_manifest(out: Path, *, count: int, dim: int, dtype: str, shards: list[dict],
