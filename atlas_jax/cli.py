@@ -21,6 +21,8 @@ COMMANDS = {
     "train": ("atlas_jax.train_commands", "joint retriever-reader training (t5x-style gin flags)"),
     "eval": ("atlas_jax.train_commands", "evaluate a run's latest checkpoint on its eval split"),
     "infer": ("atlas_jax.train_commands", "predictions of a run's latest checkpoint"),
+    "convert": ("atlas_jax.convert", "any checkpoint this project reads (t5x, Atlas, a "
+                "training run, Hugging Face) -> Hugging Face reader / retriever folders"),
     "plan": ("atlas_jax.plan", "memory, FLOPs and sharding plan of a configuration on a "
              "simulated mesh"),
 }
