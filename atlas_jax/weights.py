@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.formats import atlas as atlas_format, t5x as t5x_format
+from atlas_jax.formats import atlas as atlas_format, t5x as t5x_format, t5x_retrieval
 from atlas_jax.formats.hf import (  # noqa: F401  (re-exported: weights.* is the public API)
     CheckpointError, bert_params, read_config, read_json, read_safetensors, resolve_path,
     retriever_config_from_hf, load_tokenizer, t5_abstract_params, t5_config_from_hf,
@@ -181,14 +181,19 @@ class Retriever:
 def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str | Path | None = None,
                    head_dim: int = 64) -> Retriever:
     """Loads a retriever: a Hugging Face BERT folder (config.json, model.safetensors,
-    tokenizer files, optional sentence-transformers pooling config), or an Atlas reference
+    tokenizer files, optional sentence-transformers pooling config), an Atlas reference
     `model.pth.tar` (its Contriever; `tokenizer=` a BERT vocab.txt or tokenizer.json, since
-    the file holds none; `head_dim`, Contriever's attention head size, is not in it either).
+    the file holds none; `head_dim`, Contriever's attention head size, is not in it either),
+    or a t5x_retrieval dual-encoder checkpoint (GTR / sentence-T5: a T5-encoder tower;
+    `tokenizer=` its SentencePiece model).
     `shared_towers=False` gives untied query and passage towers (both from the same weights
     unless the checkpoint has two)."""
     folder = resolve_path(path)
-    if detect_format(folder) == "atlas":
+    kind = detect_format(folder)
+    if kind == "atlas":
         return _retriever_from_atlas(folder, tokenizer, shared_towers, head_dim)
+    if kind == "t5x":
+        return _retriever_from_t5x(folder, tokenizer, shared_towers)
     config = retriever_config_from_hf(folder)
     tensors = read_safetensors(folder)
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
@@ -199,6 +204,16 @@ def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str 
     tokenizer_object = (load_tokenizer(folder, config.max_length) if tokenizer is None
                         else tokenizer_from_file(Path(tokenizer), config.max_length))
     return Retriever(config, params, tokenizer_object, folder)
+
+
+def _retriever_from_t5x(path: Path, tokenizer, shared_towers: bool) -> Retriever:
+    config, params = t5x_retrieval.load_dual_encoder(path)
+    if not shared_towers:
+        config = dataclasses.replace(config, shared_towers=False)
+        params = retriever_lib.untie_params(params)
+    tokenizer_object = (None if tokenizer is None else t5x_retrieval.SentencePieceTokenizer(
+        tokenizer, config.max_length))
+    return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, path)
 
 
 def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool, head_dim: int
@@ -235,15 +250,18 @@ def _check_against_gin(kind: str, gin_config: Any, loaded: Any, fields: tuple[st
 
 
 @gin.configurable
-def build_retriever(checkpoint: str | None = None, seed: int = 0) -> Retriever:
+def build_retriever(checkpoint: str | None = None, seed: int = 0,
+                    tokenizer: str | None = None) -> Retriever:
     """The gin-configured retriever: `checkpoint` loaded (and checked against the gin
-    RetrieverConfig), or random weights of that config when checkpoint is None."""
+    RetrieverConfig; `tokenizer` for checkpoints that hold none: Atlas, t5x_retrieval), or
+    random weights of that config when checkpoint is None."""
     config = retriever_lib.RetrieverConfig()
     if checkpoint:
-        loaded = load_retriever(checkpoint, shared_towers=config.shared_towers)
+        loaded = load_retriever(checkpoint, shared_towers=config.shared_towers,
+                                tokenizer=tokenizer)
         _check_against_gin("RetrieverConfig", config, loaded.config,
-                           ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"),
-                           checkpoint)
+                           ("architecture", "vocab_size", "hidden_size", "num_layers",
+                            "num_heads", "mlp_dim"), checkpoint)
         return loaded
     ids = jnp.ones((1, 4), jnp.int32)
     model = retriever_lib.DualEncoder(config)

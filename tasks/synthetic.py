@@ -237,16 +237,20 @@ class WordTokenizer:
 
 
 def synthetic_retriever(tokenizer: WordTokenizer | str | Path, seed: int = 0, dim: int = 32,
-                        layers: int = 1, heads: int = 2, shared_towers: bool = True
+                        layers: int = 1, heads: int = 2, shared_towers: bool = True,
+                        architecture: str = "bert"
                         ) -> tuple[retriever_lib.RetrieverConfig, dict, WordTokenizer]:
-    """A tiny BERT dual encoder over `tokenizer`, randomly initialised from `seed` (its gold
-    passages rank near chance: `initial_recall`).
+    """A tiny dual encoder over `tokenizer`, randomly initialised from `seed` (its gold
+    passages rank near chance: `initial_recall`): BERT towers, or with architecture 't5'
+    T5-encoder towers (t5x_retrieval's GTR shape: mean pooling, projection to `dim`, no L2
+    norm here so scores keep their scale).
 
     Args:
       tokenizer: a `WordTokenizer`, or a synthetic folder to build one from.
       seed: initialisation seed.
       dim, layers, heads: hidden size (mlp 4 x dim), layer count and attention heads.
       shared_towers: one encoder for queries and passages (else two, initialised apart).
+      architecture: 'bert' or 't5'.
 
     Returns:
       (config, params, tokenizer); params is the unboxed DualEncoder tree ({"encoder": ...}),
@@ -257,7 +261,8 @@ def synthetic_retriever(tokenizer: WordTokenizer | str | Path, seed: int = 0, di
     config = retriever_lib.RetrieverConfig(
         vocab_size=len(tokenizer), hidden_size=dim, num_layers=layers, num_heads=heads,
         mlp_dim=4 * dim, max_position_embeddings=tokenizer.max_length, dropout_rate=0.0,
-        shared_towers=shared_towers, max_length=tokenizer.max_length)
+        shared_towers=shared_towers, max_length=tokenizer.max_length,
+        architecture=architecture, head_dim=dim // heads, projection_dim=dim)
     ids = jnp.ones((1, 4), jnp.int32)
     params = retriever_lib.DualEncoder(config).init(jax.random.key(seed), ids, ids, ids, ids)
     return config, jax.tree.map(np.asarray, nn.meta.unbox(params["params"])), tokenizer
@@ -294,14 +299,15 @@ def initial_recall(config: retriever_lib.RetrieverConfig, params: dict,
 
 @gin.configurable
 def build_synthetic_retriever(synthetic_dir: str = gin.REQUIRED, seed: int = 0, dim: int = 32,
-                              layers: int = 1, heads: int = 2, shared_towers: bool = True
-                              ) -> Any:
+                              layers: int = 1, heads: int = 2, shared_towers: bool = True,
+                              architecture: str = "bert") -> Any:
     """`synthetic_retriever` over the folder's word tokenizer, as a `weights.Retriever` (the
     trainer's `TrainConfig.retriever_builder` in gin/runs/synthetic.gin)."""
     from atlas_jax import weights
     config, params, tokenizer = synthetic_retriever(synthetic_dir, seed=seed, dim=dim,
                                                     layers=layers, heads=heads,
-                                                    shared_towers=shared_towers)
+                                                    shared_towers=shared_towers,
+                                                    architecture=architecture)
     return weights.Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer)
 
 

@@ -109,3 +109,30 @@ def write_t5x_orbax(folder: Path, params: dict[str, np.ndarray]) -> Path:
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
     checkpointer.save(folder / "state", state)
     return folder
+
+
+def write_t5x_retrieval(folder: Path, encoder, projection: np.ndarray, gated: bool) -> Path:
+    """A t5x_retrieval dual-encoder checkpoint (flaxformer DualEncoder target: token_embedder,
+    encoder/..., projection_layer/kernel) from a transformers T5EncoderModel's weights."""
+    sd = dict(encoder.state_dict())
+    out = {"token_embedder/embedding": sd["shared.weight"].detach().numpy().astype(np.float32),
+           **_encoder_params(sd, gated)}
+    out["projection_layer/kernel"] = projection.astype(np.float32)
+    return write_t5x_native(folder, out)
+
+
+def _encoder_params(sd: dict, gated: bool) -> dict[str, np.ndarray]:
+    arrays = {k: v.detach().numpy().astype(np.float32) for k, v in sd.items()}
+    out = {"encoder/relpos_bias/rel_embedding":
+           arrays["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].T,
+           "encoder/encoder_norm/scale": arrays["encoder.final_layer_norm.weight"]}
+    layers = {int(k.split(".")[2]) for k in arrays if k.startswith("encoder.block.")}
+    for i in sorted(layers):
+        hf, ours = f"encoder.block.{i}.layer", f"encoder/layers_{i}"
+        for t5x_name, short in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o")):
+            out[f"{ours}/attention/{t5x_name}/kernel"] = arrays[f"{hf}.0.SelfAttention.{short}.weight"].T
+        out[f"{ours}/pre_attention_layer_norm/scale"] = arrays[f"{hf}.0.layer_norm.weight"]
+        out[f"{ours}/pre_mlp_layer_norm/scale"] = arrays[f"{hf}.1.layer_norm.weight"]
+        for name in (["wi_0", "wi_1"] if gated else ["wi"]) + ["wo"]:
+            out[f"{ours}/mlp/{name}/kernel"] = arrays[f"{hf}.1.DenseReluDense.{name}.weight"].T
+    return out

@@ -238,6 +238,9 @@ def load_t5(path: Path, max_distance: int | None = None) -> tuple[t5.T5Config, d
     """(config, params) of a t5x T5 checkpoint, every array checked against the config."""
     arrays, source = read_target(path)
     arrays = _flatten_heads(arrays)
+    if "projection_layer/kernel" in arrays:
+        raise CheckpointError(f"{source}: a t5x_retrieval dual encoder, not a T5 "
+                              "encoder-decoder: load it with load_retriever")
     config = config_from_arrays(arrays, source, max_distance)
     expected = flat_shapes(t5_abstract_params(config))
     missing = sorted(set(expected) - set(arrays))

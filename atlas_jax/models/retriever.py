@@ -1,4 +1,5 @@
-"""BERT-family dual encoder (Contriever, MiniLM / sentence-transformers).
+"""Dual encoders: BERT-family towers (Contriever, MiniLM / sentence-transformers) or T5-encoder
+towers (t5x_retrieval's GTR / sentence-T5: `architecture='t5'`, see `T5EncoderTower`).
 
 Parameter tree of one tower (`encoder/...` when the towers are tied, `query_encoder/...` and
 `passage_encoder/...` when untied):
@@ -7,6 +8,11 @@ Parameter tree of one tower (`encoder/...` when the towers are tied, `query_enco
   segment_embedder/embedding (segments, embed), embeddings_norm/{scale,bias},
   layers_N/attention/{query,key,value,out}/{kernel,bias}, layers_N/post_attention_layer_norm,
   layers_N/{wi,wo}/{kernel,bias}, layers_N/post_mlp_layer_norm
+
+and of a T5-encoder tower (t5x_retrieval's names, so its checkpoints load without mapping):
+
+  token_embedder/embedding, encoder/{layers_N/..., relpos_bias/rel_embedding, encoder_norm},
+  projection_layer/kernel (embed, projection)
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.models import layers
+from atlas_jax.models import layers, t5
 
 
 @gin.configurable
@@ -40,6 +46,14 @@ class RetrieverConfig:
     shared_towers: bool = True     # one encoder for queries and passages
     max_length: int = 512          # tokenizer truncation length
     dtype: str = "float32"
+    # 'bert', or 't5': a T5 encoder, mean pooling, projection, L2 norm (t5x_retrieval);
+    # the fields below are the T5 tower's (hidden_size is its emb_dim).
+    architecture: str = "bert"
+    head_dim: int = 64
+    mlp_activations: tuple[str, ...] = ("relu",)
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    projection_dim: int = 768
 
     @property
     def compute_dtype(self):
@@ -47,7 +61,18 @@ class RetrieverConfig:
 
     @property
     def embedding_dim(self) -> int:
-        return self.hidden_size
+        return self.projection_dim if self.architecture == "t5" else self.hidden_size
+
+    def t5_config(self):
+        """The T5Config of a T5-encoder tower (no decoder)."""
+        return t5.T5Config(
+            vocab_size=self.vocab_size, emb_dim=self.hidden_size, num_heads=self.num_heads,
+            num_encoder_layers=self.num_layers, num_decoder_layers=0, head_dim=self.head_dim,
+            mlp_dim=self.mlp_dim, mlp_activations=tuple(self.mlp_activations),
+            dropout_rate=self.dropout_rate,
+            relative_attention_num_buckets=self.relative_attention_num_buckets,
+            relative_attention_max_distance=self.relative_attention_max_distance,
+            layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype)
 
 
 class BertAttention(nn.Module):
@@ -125,6 +150,31 @@ class BertEncoder(nn.Module):
         return pool(x, attention_mask, cfg.pooling, cfg.normalize)
 
 
+class T5EncoderTower(nn.Module):
+    """t5x_retrieval's dual-encoder tower (flaxformer DualEncoder.encode), in its order: T5
+    encoder over the tokens, mean pooling over tokens > 0, projection without bias, then
+    L2 normalisation x * rsqrt(sum x^2 + 1e-6) in float32."""
+    config: RetrieverConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        t5_config = cfg.t5_config()
+        ids = jnp.where(attention_mask.astype(bool), input_ids, 0)
+        embedder = layers.Embed(cfg.vocab_size, cfg.hidden_size, t5_config.compute_dtype,
+                                name="token_embedder")
+        states = t5.Encoder(t5_config, embedder, name="encoder")(ids, deterministic)
+        mask = (ids > 0).astype(jnp.float32)[..., None]
+        pooled = ((states.astype(jnp.float32) * mask).sum(axis=1)
+                  / jnp.maximum(mask.sum(axis=1), 1e-10))
+        projected = layers.Dense(cfg.projection_dim, ("embed", "mlp"), name="projection_layer")(
+            pooled).astype(jnp.float32)
+        if not cfg.normalize:
+            return projected
+        return projected * jax.lax.rsqrt((projected ** 2).sum(axis=-1, keepdims=True) + 1e-6)
+
+
 def pool(states: jax.Array, attention_mask: jax.Array, pooling: str, normalize: bool) -> jax.Array:
     """Masked mean or CLS pooling of (batch, length, hidden) states, float32 out."""
     states = states.astype(jnp.float32)
@@ -146,11 +196,12 @@ class DualEncoder(nn.Module):
     config: RetrieverConfig
 
     def setup(self):
+        tower = T5EncoderTower if self.config.architecture == "t5" else BertEncoder
         if self.config.shared_towers:
-            self.encoder = BertEncoder(self.config)
+            self.encoder = tower(self.config)
         else:
-            self.query_encoder = BertEncoder(self.config)
-            self.passage_encoder = BertEncoder(self.config)
+            self.query_encoder = tower(self.config)
+            self.passage_encoder = tower(self.config)
 
     def embed_queries(self, input_ids, attention_mask, deterministic: bool = True):
         tower = self.encoder if self.config.shared_towers else self.query_encoder
