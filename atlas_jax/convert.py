@@ -146,15 +146,21 @@ def _from_source(source: Path, tokenizer: str | None, head_dim: int):
     if kind == "atlas":
         return weights.load_atlas(source, tokenizer=tokenizer, head_dim=head_dim)
     if kind == "t5x":
-        return weights.load_reader(source), None
+        try:
+            return weights.load_reader(source), None
+        except weights.CheckpointError as e:
+            if "dual encoder" not in str(e):
+                raise
+            return None, weights.load_retriever(source, tokenizer=tokenizer)
     model_type = weights.read_config(source / "config.json").get("model_type", "t5")
-    if model_type == "bert":
+    if model_type == "bert" or (source / "modules.json").is_file():
         return None, weights.load_retriever(source, tokenizer=tokenizer)
     return weights.load_reader(source), None
 
 
 def convert(out: Path, reader, retriever, spiece: str | None) -> dict:
     from atlas_jax import fileio, reader_export
+    from atlas_jax.formats import hf_t5_tower
     spiece = spiece or (reader.spiece_model if reader is not None else None)
     written: dict[str, Any] = {}
 
@@ -163,12 +169,15 @@ def convert(out: Path, reader, retriever, spiece: str | None) -> dict:
             reader_export.save_reader(reader, staging / "reader", spiece)
             written["reader"] = str(out / "reader")
         if retriever is not None:
-            save_retriever(retriever, staging / "retriever", "query")
+            save = (hf_t5_tower.save_tower if retriever.config.architecture == "t5"
+                    else save_retriever)
+            save(retriever, staging / "retriever", "query")
             written["retriever"] = str(out / "retriever")
             if not retriever.config.shared_towers:
-                save_retriever(retriever, staging / "retriever_passage", "passage")
+                save(retriever, staging / "retriever_passage", "passage")
                 written["retriever_passage"] = str(out / "retriever_passage")
-            if not hasattr(retriever.tokenizer, "save"):
+            if not hasattr(retriever.tokenizer, "save") and not hasattr(retriever.tokenizer,
+                                                                        "path"):
                 written["warning"] = ("no tokenizer.json written (the source has no "
                                       "`tokenizers` tokenizer; pass --tokenizer): load it "
                                       "with load_retriever(path, tokenizer=...)")

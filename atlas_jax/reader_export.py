@@ -22,42 +22,11 @@ from typing import Any
 import numpy as np
 
 from atlas_jax import fileio
+from atlas_jax.formats.hf import t5_hf_config as hf_config  # noqa: F401 (re-exported)
 
 CARD = "model_card.json"
 OUTPUT_KIND = "reader"          # the kind in the folder's .atlas-jax.json marker
 CARD_FORMAT = "atlas-jax-reader-card/1"
-
-_ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
-                      ("gelu_exact",): "gelu", ("relu", "linear"): "gated-relu",
-                      ("silu", "linear"): "gated-silu", ("silu",): "silu"}
-
-
-def hf_config(config) -> dict:
-    """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields).
-
-    A reader with `copy_head` adds `"atlas_jax_copy_head": true` and three tensors named
-    `atlas_jax.copy_head.*`: `load_reader` restores them; transformers loads the T5 part and
-    drops them (with its unused-weights warning), which is a different model.
-    """
-    activations = tuple(config.mlp_activations)
-    if activations not in _ACTIVATIONS_TO_HF:
-        raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
-    extra = {"atlas_jax_copy_head": True} if config.copy_head else {}
-    return extra | {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-        "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
-        "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
-        "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
-        "feed_forward_proj": _ACTIVATIONS_TO_HF[activations],
-        "is_gated_act": len(activations) > 1,
-        "relative_attention_num_buckets": config.relative_attention_num_buckets,
-        "relative_attention_max_distance": config.relative_attention_max_distance,
-        "layer_norm_epsilon": config.layer_norm_epsilon, "dropout_rate": 0.0,
-        "tie_word_embeddings": bool(config.logits_via_embedding),
-        "scale_decoder_outputs": bool(config.scale_decoder_outputs),
-        "pad_token_id": config.pad_id, "eos_token_id": config.eos_id,
-        "decoder_start_token_id": config.decoder_start_id,
-    }
 
 
 def hf_tensors(reader) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.formats import atlas as atlas_format, t5x as t5x_format, t5x_retrieval
+from atlas_jax.formats import atlas as atlas_format, hf_t5_tower, t5x as t5x_format, t5x_retrieval
 from atlas_jax.formats.hf import (  # noqa: F401  (re-exported: weights.* is the public API)
     CheckpointError, bert_params, read_config, read_json, read_safetensors, resolve_path,
     retriever_config_from_hf, load_tokenizer, t5_abstract_params, t5_config_from_hf,
@@ -194,6 +194,14 @@ def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str 
         return _retriever_from_atlas(folder, tokenizer, shared_towers, head_dim)
     if kind == "t5x":
         return _retriever_from_t5x(folder, tokenizer, shared_towers)
+    if hf_t5_tower.is_tower_folder(folder):
+        config, params, tokenizer_object = hf_t5_tower.load_tower(folder)
+        if tokenizer is not None:
+            tokenizer_object = t5x_retrieval.SentencePieceTokenizer(tokenizer, config.max_length)
+        if not shared_towers:
+            config = dataclasses.replace(config, shared_towers=False)
+            params = retriever_lib.untie_params(params)
+        return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, folder)
     config = retriever_config_from_hf(folder)
     tensors = read_safetensors(folder)
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""

@@ -136,3 +136,34 @@ def test_bad_sources_write_nothing(tmp_path, capsys):
                         str(tmp_path / "out"))
     assert code == 2 and "config.gin: not found" in err
     assert t5 is not None
+
+
+def test_t5x_retrieval_converts_to_a_sentence_transformers_gtr_folder(tmp_path, capsys):
+    from safetensors.numpy import load_file
+    from transformers import T5EncoderModel
+
+    from atlas_jax import vocabulary
+    from tests.t5x_reference import write_t5x_retrieval
+    from tests.test_formats_t5x_retrieval import TEXTS, _dual_encoder, _reference
+    model, projection = _dual_encoder(gated=True)
+    folder = write_t5x_retrieval(tmp_path / "checkpoint_1", model, projection, gated=True)
+    spm_file = vocabulary.train_sentencepiece(TEXTS, tmp_path / "spiece.model", vocab_size=60)
+    code, out, err = _run(capsys, str(folder), "--out", str(tmp_path / "out"), "--tokenizer",
+                          str(spm_file))
+    assert code == 0, err and set(json.loads(out)) == {"retriever"}
+    exported = tmp_path / "out" / "retriever"
+    modules = [m["type"].rsplit(".", 1)[1] for m in
+               json.loads((exported / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling", "Dense", "Normalize"]
+    # transformers' T5EncoderModel + the Dense weights reproduce the original tower
+    encoder = T5EncoderModel.from_pretrained(exported).eval()
+    dense = load_file(str(exported / "2_Dense" / "model.safetensors"))["linear.weight"]
+    ids = random_ids(np.random.default_rng(5), 4, 30, 96)
+    np.testing.assert_allclose(_reference(encoder, dense.T, ids),
+                               _reference(model, projection, ids), atol=1e-5)
+    original = atlas_jax.load_retriever(folder, tokenizer=spm_file)
+    back = atlas_jax.load_retriever(exported)
+    assert back.config == original.config
+    for key, value in _flat(original.params).items():
+        np.testing.assert_array_equal(_flat(back.params)[key], value)
+    np.testing.assert_array_equal(back.tokenize(TEXTS[:2])[0], original.tokenize(TEXTS[:2])[0])

@@ -401,3 +401,36 @@ def t5_config_from_hf_shapes(shapes: dict[str, tuple[int, ...]], source: Path,
         head_dim=inner // heads, mlp_dim=mlp, num_encoder_layers=count("encoder"),
         num_decoder_layers=count("decoder"), gated=gated,
         tied=prefix + "lm_head.weight" not in shapes, max_distance=max_distance)
+
+
+_ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
+                      ("gelu_exact",): "gelu", ("relu", "linear"): "gated-relu",
+                      ("silu", "linear"): "gated-silu", ("silu",): "silu"}
+
+
+def t5_hf_config(config) -> dict:
+    """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields).
+
+    A reader with `copy_head` adds `"atlas_jax_copy_head": true` and three tensors named
+    `atlas_jax.copy_head.*`: `load_reader` restores them; transformers loads the T5 part and
+    drops them (with its unused-weights warning), which is a different model.
+    """
+    activations = tuple(config.mlp_activations)
+    if activations not in _ACTIVATIONS_TO_HF:
+        raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
+    extra = {"atlas_jax_copy_head": True} if config.copy_head else {}
+    return extra | {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+        "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+        "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
+        "feed_forward_proj": _ACTIVATIONS_TO_HF[activations],
+        "is_gated_act": len(activations) > 1,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "layer_norm_epsilon": config.layer_norm_epsilon, "dropout_rate": 0.0,
+        "tie_word_embeddings": bool(config.logits_via_embedding),
+        "scale_decoder_outputs": bool(config.scale_decoder_outputs),
+        "pad_token_id": config.pad_id, "eos_token_id": config.eos_id,
+        "decoder_start_token_id": config.decoder_start_id,
+    }
