@@ -54,23 +54,24 @@ def _nest(flat: dict) -> dict:
     return tree
 
 
-def write_zarr(folder: Path, array: np.ndarray, dtype: str) -> dict:
+def write_zarr(folder: Path, array: np.ndarray, dtype: str, compressor: str = "gzip") -> dict:
     """One array as t5x writes it through tensorstore; returns the spec t5x stores."""
     import tensorstore as ts
     chunks = [max(1, (s + 1) // 2) for s in array.shape] or [1]   # edge chunks get cropped
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(folder)},
-            "metadata": {"compressor": {"id": "gzip"}, "shape": list(array.shape),
+            "metadata": {"compressor": {"id": compressor}, "shape": list(array.shape),
                          "chunks": chunks, "dtype": dtype}}
     store = ts.open(spec, create=True, delete_existing=True).result()
     store.write(array).result()
     return {"driver": "zarr", "dtype": "bfloat16" if dtype == "bfloat16" else "float32",
             "kvstore": {"driver": "file", "path": folder.name + "/"},
-            "metadata": {"chunks": chunks, "compressor": {"id": "gzip", "level": 1},
+            "metadata": {"chunks": chunks, "compressor": {"id": compressor},
                          "shape": list(array.shape)}}
 
 
 def write_t5x_native(folder: Path, params: dict[str, np.ndarray], *, version: int = 3,
-                     bfloat16: tuple[str, ...] = (), inline: tuple[str, ...] = ()) -> Path:
+                     bfloat16: tuple[str, ...] = (), inline: tuple[str, ...] = (),
+                     zstd: tuple[str, ...] = ()) -> Path:
     """`folder/checkpoint` (msgpack) + one zarr folder per array, optimizer slots included."""
     from flax import serialization
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,8 +87,9 @@ def write_t5x_native(folder: Path, params: dict[str, np.ndarray], *, version: in
                 target[name] = write_zarr(folder / dotted, value.view(np.uint16), "<u2")
             else:
                 target[name] = write_zarr(folder / dotted, value, "bfloat16")
-        else:
-            target[name] = write_zarr(folder / dotted, array, "<f4")
+        else:   # newer jax writes zstd chunks
+            target[name] = write_zarr(folder / dotted, array, "<f4",
+                                      "zstd" if name in zstd else "gzip")
         if array.ndim == 2:   # Adafactor's factored second moments, as t5x keeps them
             row = "state.param_states." + name.replace("/", ".") + ".v_row"
             slots[name + "/v_row"] = write_zarr(folder / row, np.ones(array.shape[0], np.float32),

@@ -46,7 +46,7 @@ def test_native_checkpoint_matches_transformers(tmp_path, version, t5x_version):
     folder = write_t5x_native(
         tmp_path / "checkpoint_100", params, version=t5x_version,
         bfloat16=("decoder/layers_1/mlp/wo/kernel",) if bf16 else (),
-        inline=("encoder/encoder_norm/scale",))
+        inline=("encoder/encoder_norm/scale",), zstd=("encoder/layers_1/mlp/wo/kernel",))
     reader = atlas_jax.load_reader(folder)
     assert reader.config.logits_via_embedding == (version == "v1.0")
     assert reader.config.mlp_activations == (("gelu", "linear") if version == "v1.1"
