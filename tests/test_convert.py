@@ -167,3 +167,24 @@ def test_t5x_retrieval_converts_to_a_sentence_transformers_gtr_folder(tmp_path, 
     for key, value in _flat(original.params).items():
         np.testing.assert_array_equal(_flat(back.params)[key], value)
     np.testing.assert_array_equal(back.tokenize(TEXTS[:2])[0], original.tokenize(TEXTS[:2])[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated chunk", "missing array folder"])
+def test_damaged_t5x_checkpoint_exits_2_naming_the_array(tmp_path, capsys, damage):
+    import shutil
+    t5 = make_hf_t5(tmp_path / "hf", version="v1.1")
+    folder = write_t5x_native(tmp_path / "checkpoint_5",
+                              t5x_params_from_hf(t5.state_dict(), gated=True, untied=True))
+    array = folder / "target.decoder.layers_1.mlp.wo.kernel"
+    if damage == "truncated chunk":
+        chunk = array / "0.0"
+        chunk.write_bytes(chunk.read_bytes()[:20])
+    else:
+        shutil.rmtree(array)
+    code, out, err = _run(capsys, str(folder), "--out", str(tmp_path / "out"))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert ("decoder/layers_1/mlp/wo/kernel" in err if damage == "truncated chunk"
+            else "target.decoder.layers_1.mlp.wo.kernel: array folder" in err)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
