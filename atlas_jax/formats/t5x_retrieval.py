@@ -62,6 +62,10 @@ def load_dual_encoder(path: Path, max_distance: int | None = None, max_length: i
     if not is_dual_encoder(arrays):
         raise CheckpointError(f"{source}: no projection_layer/kernel: not a t5x_retrieval dual "
                               "encoder (a T5 encoder-decoder loads with load_reader)")
+    # the tower is token_embedder + encoder + projection_layer; other top-level parameters
+    # (a similarity layer's, if a variant has one) are not part of embedding
+    arrays = {k: v for k, v in arrays.items()
+              if k.split("/")[0] in ("token_embedder", "encoder", "projection_layer")}
     config = config_from_arrays(arrays, source, max_distance, max_length)
     expected = flat_shapes(abstract_tower(config))
     missing = sorted(set(expected) - set(arrays))
