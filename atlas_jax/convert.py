@@ -96,10 +96,8 @@ def save_retriever(retriever, folder: Path, tower: str = "query") -> Path:
 def _from_run(model_dir: Path, step: int | None):
     """(reader, retriever or None) of a training run's checkpoint: the run's config.gin gives
     the configs and tokenizers, the orbax checkpoint the trained parameters."""
-    import jax
-    import orbax.checkpoint as ocp
-
     from atlas_jax import gin_config, trainer, weights
+    from atlas_jax.formats import t5x as t5x_format
     config_gin = model_dir / "config.gin"
     if not config_gin.is_file():
         raise FileNotFoundError(f"{config_gin}: not found (is {model_dir} a training run?)")
@@ -115,15 +113,7 @@ def _from_run(model_dir: Path, step: int | None):
     config = trainer.TrainConfig()   # the builders the run used (their configs, tokenizers)
     reader = (config.reader_builder or weights.build_reader)()
     retriever = (config.retriever_builder or weights.build_retriever)()
-    state = folder / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(state)
-    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-    target = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree["params"])}
-    restored = checkpointer.restore(state, args=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
-    params = restored["params"]
+    params = t5x_format.restore_orbax_subtree(folder / str(step) / "state", "params")
     reader = dataclasses.replace(reader, params=params["reader"], path=model_dir)
     key = "retriever" if "retriever" in params else "frozen_retriever"
     if key not in params:

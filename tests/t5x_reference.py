@@ -101,14 +101,15 @@ def write_t5x_native(folder: Path, params: dict[str, np.ndarray], *, version: in
     return folder
 
 
-def write_t5x_orbax(folder: Path, params: dict[str, np.ndarray]) -> Path:
-    """checkpoint_N/state/ as t5x's orbax checkpoint manager writes it (one folder per leaf)."""
+def write_t5x_orbax(folder: Path, params: dict[str, np.ndarray], ocdbt: bool = False) -> Path:
+    """checkpoint_N/state/ as t5x's orbax checkpoint manager writes it (one folder per leaf;
+    `ocdbt`: orbax's newer default single-store layout)."""
     import orbax.checkpoint as ocp
     state = {"target": _nest(params),
              "state": {"step": np.int32(100),
                        "param_states": _nest({k + "/v": np.ones_like(v)
                                               for k, v in list(params.items())[:3]})}}
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt))
     checkpointer.save(folder / "state", state)
     return folder
 

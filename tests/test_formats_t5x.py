@@ -69,10 +69,11 @@ def test_bfloat16_array_is_read_exactly(tmp_path):
     np.testing.assert_array_equal(ours, expected)
 
 
-def test_orbax_layout_matches_transformers(tmp_path):
+@pytest.mark.parametrize("ocdbt", [False, True], ids=["per-array", "ocdbt"])
+def test_orbax_layout_matches_transformers(tmp_path, ocdbt):
     model, params = _model_and_params(tmp_path, "v1.1", num_heads=2, d_kv=16, num_buckets=8,
                                       max_distance=16)
-    folder = write_t5x_orbax(tmp_path / "checkpoint_7", params)
+    folder = write_t5x_orbax(tmp_path / "checkpoint_7", params, ocdbt=ocdbt)
     reader = atlas_jax.load_reader(folder, relative_attention_max_distance=16)
     assert (reader.config.num_heads, reader.config.head_dim) == (2, 16)
     _assert_parity(reader, model)

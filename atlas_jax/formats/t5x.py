@@ -181,17 +181,32 @@ def read_target(path: Path) -> tuple[dict[str, np.ndarray], Path]:
     if state is None:
         raise CheckpointError(f"{path}: not a t5x checkpoint (no msgpack 'checkpoint' file, no "
                               "orbax state/ folder)")
-    arrays = {}
-    for keys in _orbax_leaves(state):
-        if keys[0] != "target":
-            continue
-        name, folder = "/".join(keys[1:]), ".".join(keys)
-        if not (state / folder).is_dir():
-            raise CheckpointError(f"{state / folder}: array folder of {name} missing (an OCDBT "
-                                  "orbax checkpoint? t5x writes one folder per array)")
-        arrays[name] = _leaf({"driver": "zarr", "kvstore": {"path": folder}, "metadata": {}},
-                             name, state, state)
-    return arrays, state
+    _orbax_leaves(state)   # a readable _METADATA that lists target leaves
+    import jax
+    tree = restore_orbax_subtree(state, "target")
+    arrays = {"/".join(str(k.key) for k in keys): np.asarray(leaf)
+              for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {name: (array.view(ml_dtypes.bfloat16) if array.dtype == np.uint16 else array
+                   ).astype(np.float32) for name, array in arrays.items()}, state
+
+
+def restore_orbax_subtree(state: Path, key: str) -> Any:
+    """One top-level subtree (`target`, `params`) of an orbax PyTree checkpoint as numpy
+    arrays, through orbax (per-array zarr folders or OCDBT alike); nothing else is read."""
+    import jax
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(state)
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        item = {key: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[key])}
+        restored = checkpointer.restore(state, args=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+    except Exception as e:  # orbax and tensorstore raise many types, with long messages
+        raise CheckpointError(f"{state}: orbax checkpoint unreadable ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:240]})") from None
+    return restored[key]
 
 
 # ----------------------------------------------------------------------------- T5
