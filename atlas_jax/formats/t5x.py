@@ -211,7 +211,7 @@ def restore_orbax_subtree(state: Path, key: str) -> Any:
 
 # ----------------------------------------------------------------------------- T5
 
-def _flatten_heads(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def flatten_heads(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """3-D attention kernels ((embed, heads, kv) and out (heads, kv, embed)) -> 2-D."""
     out = {}
     for name, array in arrays.items():
@@ -252,20 +252,26 @@ def config_from_arrays(arrays: dict[str, np.ndarray], source: Path,
 def load_t5(path: Path, max_distance: int | None = None) -> tuple[t5.T5Config, dict]:
     """(config, params) of a t5x T5 checkpoint, every array checked against the config."""
     arrays, source = read_target(path)
-    arrays = _flatten_heads(arrays)
+    arrays = flatten_heads(arrays)
     if "projection_layer/kernel" in arrays:
         raise CheckpointError(f"{source}: a t5x_retrieval dual encoder, not a T5 "
                               "encoder-decoder: load it with load_retriever")
     config = config_from_arrays(arrays, source, max_distance)
-    expected = flat_shapes(t5_abstract_params(config))
+    check_arrays(arrays, flat_shapes(t5_abstract_params(config)), source,
+                 "a T5 of the inferred config")
+    return config, unflatten(arrays)
+
+
+def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                 source: Path, what: str) -> None:
+    """Every expected array present with its shape, nothing else; one line naming the first
+    array at fault otherwise."""
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{source}: target does not fit a T5 of the inferred config "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
+        raise CheckpointError(f"{source}: target does not fit {what} (missing {missing[:4]}, "
+                              f"unexpected {extra[:4]})")
     for name, shape in expected.items():
         if tuple(arrays[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: array {name} has shape {arrays[name].shape}, the "
-                                  f"inferred config implies {tuple(shape)}")
-    return config, unflatten(arrays)
-
+            raise CheckpointError(f"{source}: array {name} has shape {arrays[name].shape}, "
+                                  f"{what} implies {tuple(shape)}")

@@ -56,7 +56,7 @@ def load_dual_encoder(path: Path, max_distance: int | None = None, max_length: i
                       ) -> tuple[retriever_lib.RetrieverConfig, dict]:
     """(config, params {"encoder": tower}) of a t5x_retrieval checkpoint."""
     arrays, source = t5x.read_target(path)
-    arrays = t5x._flatten_heads(arrays)
+    arrays = t5x.flatten_heads(arrays)
     if "encoder/token_embedder/embedding" in arrays:   # an encoder-owned embedder
         arrays["token_embedder/embedding"] = arrays.pop("encoder/token_embedder/embedding")
     if not is_dual_encoder(arrays):
@@ -67,16 +67,8 @@ def load_dual_encoder(path: Path, max_distance: int | None = None, max_length: i
     arrays = {k: v for k, v in arrays.items()
               if k.split("/")[0] in ("token_embedder", "encoder", "projection_layer")}
     config = config_from_arrays(arrays, source, max_distance, max_length)
-    expected = flat_shapes(abstract_tower(config))
-    missing = sorted(set(expected) - set(arrays))
-    extra = sorted(set(arrays) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{source}: target does not fit a T5 dual-encoder tower "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
-    for name, shape in expected.items():
-        if tuple(arrays[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: array {name} has shape {arrays[name].shape}, "
-                                  f"the inferred config implies {tuple(shape)}")
+    t5x.check_arrays(arrays, flat_shapes(abstract_tower(config)), source,
+                     "a T5 dual-encoder tower of the inferred config")
     return config, {"encoder": unflatten(arrays)}
 
 
