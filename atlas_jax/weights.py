@@ -190,49 +190,30 @@ def load_retriever(path: str | Path, shared_towers: bool = True, tokenizer: str 
     unless the checkpoint has two)."""
     folder = resolve_path(path)
     kind = detect_format(folder)
+    own = None                       # the tokenizer the checkpoint itself holds
     if kind == "atlas":
-        return _retriever_from_atlas(folder, tokenizer, shared_towers, head_dim)
-    if kind == "t5x":
-        return _retriever_from_t5x(folder, tokenizer, shared_towers)
-    if hf_t5_tower.is_tower_folder(folder):
-        config, params, tokenizer_object = hf_t5_tower.load_tower(folder)
-        if tokenizer is not None:
-            tokenizer_object = t5x_retrieval.SentencePieceTokenizer(tokenizer, config.max_length)
-        if not shared_towers:
-            config = dataclasses.replace(config, shared_towers=False)
-            params = retriever_lib.untie_params(params)
-        return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, folder)
-    config = retriever_config_from_hf(folder)
-    tensors = read_safetensors(folder)
-    prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
-    params = {"encoder": jax.tree.map(jnp.asarray, bert_params(config, tensors, folder, prefix))}
-    if not shared_towers:
-        config = dataclasses.replace(config, shared_towers=False)
-        params = jax.tree.map(jnp.asarray, retriever_lib.untie_params(params))
-    tokenizer_object = (load_tokenizer(folder, config.max_length) if tokenizer is None
-                        else tokenizer_from_file(Path(tokenizer), config.max_length))
-    return Retriever(config, params, tokenizer_object, folder)
-
-
-def _retriever_from_t5x(path: Path, tokenizer, shared_towers: bool) -> Retriever:
-    config, params = t5x_retrieval.load_dual_encoder(path)
-    if not shared_towers:
-        config = dataclasses.replace(config, shared_towers=False)
-        params = retriever_lib.untie_params(params)
-    tokenizer_object = (None if tokenizer is None else t5x_retrieval.SentencePieceTokenizer(
-        tokenizer, config.max_length))
-    return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, path)
-
-
-def _retriever_from_atlas(path: Path, tokenizer, shared_towers: bool, head_dim: int
-                          ) -> Retriever:
-    config, params = atlas_format.load_retriever_params(path, head_dim)
+        config, params = atlas_format.load_retriever_params(folder, head_dim)
+    elif kind == "t5x":
+        config, params = t5x_retrieval.load_dual_encoder(folder)
+    elif hf_t5_tower.is_tower_folder(folder):
+        config, params, own = hf_t5_tower.load_tower(folder)
+    else:
+        config = retriever_config_from_hf(folder)
+        tensors = read_safetensors(folder)
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
+        params = {"encoder": bert_params(config, tensors, folder, prefix)}
+        if tokenizer is None:
+            own = load_tokenizer(folder, config.max_length)
     if not shared_towers and config.shared_towers:
         config = dataclasses.replace(config, shared_towers=False)
         params = retriever_lib.untie_params(params)
-    tokenizer_object = (None if tokenizer is None
-                        else tokenizer_from_file(Path(tokenizer), config.max_length))
-    return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, path)
+    if tokenizer is None:
+        tokenizer_object = own
+    elif config.architecture == "t5":     # T5 towers: a SentencePiece model
+        tokenizer_object = t5x_retrieval.SentencePieceTokenizer(tokenizer, config.max_length)
+    else:                                 # BERT towers: vocab.txt or tokenizer.json
+        tokenizer_object = tokenizer_from_file(Path(tokenizer), config.max_length)
+    return Retriever(config, jax.tree.map(jnp.asarray, params), tokenizer_object, folder)
 
 
 def load_atlas(path: str | Path, tokenizer: str | Path | None = None, head_dim: int = 64
@@ -242,7 +223,7 @@ def load_atlas(path: str | Path, tokenizer: str | Path | None = None, head_dim: 
     path = resolve_path(path)
     if detect_format(path) != "atlas":
         raise CheckpointError(f"{path}: not an Atlas model file (a torch.save archive)")
-    return load_reader(path), _retriever_from_atlas(path, tokenizer, True, head_dim)
+    return load_reader(path), load_retriever(path, tokenizer=tokenizer, head_dim=head_dim)
 
 
 # ----------------------------------------------------------------------------- gin builders
