@@ -1,13 +1,15 @@
 """t5x_retrieval dual encoders (GTR / sentence-T5): a T5-encoder tower that embeds like the
 reference computation (T5 encoder, mean over tokens > 0, projection, L2 norm), tokenized by a
 SentencePiece model, usable as an index's retriever."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
 
 import atlas_jax
-from atlas_jax import gin_config, vocabulary, weights
+from atlas_jax import cli, gin_config, vocabulary, weights
 from tests.hf_reference import random_ids
 from tests.t5x_reference import write_t5x_retrieval
 
@@ -59,8 +61,8 @@ def test_dual_encoder_embeddings_match_the_reference(tmp_path, gated):
         atlas_jax.load_reader(folder)
 
 
-def test_sentencepiece_tokenizer_and_index(tmp_path):
-    from atlas_jax.index import passage_index, passages
+def test_sentencepiece_tokenizer_and_index(tmp_path, capsys):
+    from atlas_jax.index import passage_index
     spm_file = vocabulary.train_sentencepiece(TEXTS, tmp_path / "spiece.model", vocab_size=60)
     model, projection = _dual_encoder(gated=False)
     folder = write_t5x_retrieval(tmp_path / "checkpoint_1", model, projection, gated=False)
@@ -71,11 +73,21 @@ def test_sentencepiece_tokenizer_and_index(tmp_path):
     np.testing.assert_array_equal(ids[0, :len(pieces) + 1], pieces + [1])   # EOS appended
     np.testing.assert_allclose(retriever.embed(TEXTS[:3]), _reference(model, projection, ids),
                                atol=1e-5)
-    store = passages.PassageStore.from_records(
-        [{"id": str(i), "text": t} for i, t in enumerate(TEXTS[:6])])
-    index = passage_index.PassageIndex.build(store, retriever, progress=False)
-    result = index.search(retriever.embed(["the rent for march"]), 1)
-    assert store.ids[result.ids[0, 0]] == "2"
+    records = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS[:6])]
+    (tmp_path / "passages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # the command line: build with the checkpoint + its SentencePiece model, then search
+    for argv in (["index", "build", "--passages", str(tmp_path / "passages.jsonl"),
+                  "--retriever", str(folder), "--out", str(tmp_path / "idx"), "--no-progress"],
+                 ["index", "search", "--index", str(tmp_path / "idx"), "--query",
+                  "the rent for march", "--k", "1"]):
+        assert cli.main(argv + ["--tokenizer", str(spm_file)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["id"] == "2"
+    index = passage_index.PassageIndex.load(tmp_path / "idx")
+    np.testing.assert_allclose(index.embeddings, retriever.embed(TEXTS[:6], tower="passage"),
+                               atol=2e-3)   # float16 storage
+    assert cli.main(["index", "build", "--passages", str(tmp_path / "passages.jsonl"),
+                     "--retriever", str(folder), "--out", str(tmp_path / "idx2")]) == 2
+    assert "holds no tokenizer: pass --tokenizer" in capsys.readouterr().err
 
 
 def test_gin_tower_builds_from_a_gtr_shaped_config(tmp_path):

@@ -16,7 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = commands.add_parser("build", help="embed a passages jsonl and save an index")
     build.add_argument("--passages", required=True, help="passages jsonl (docs/design.md §4)")
     build.add_argument("--retriever", required=True,
-                       help="retriever checkpoint folder or package:NAME")
+                       help="retriever checkpoint: a folder, package:NAME, an Atlas "
+                       "model.pth.tar or a t5x_retrieval checkpoint")
+    build.add_argument("--tokenizer", help="the retriever's tokenizer when the checkpoint holds "
+                       "none (vocab.txt / tokenizer.json for BERT, spiece.model for T5 towers)")
     build.add_argument("--out", required=True, help="index directory to write")
     build.add_argument("--backend", choices=passage_index.BACKENDS, default="device")
     build.add_argument("--dtype", choices=passage_index.SAVE_DTYPES, default="float16",
@@ -37,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--hybrid", action="store_true", help="fuse BM25 with dense scores")
     search.add_argument("--retriever", help="query tower (default: the index's retriever): "
                         "a folder, package:NAME or an Atlas model.pth.tar")
-    search.add_argument("--tokenizer", help="the retriever's tokenizer file (vocab.txt or "
-                        "tokenizer.json) when the checkpoint holds none (Atlas)")
+    search.add_argument("--tokenizer", help="the retriever's tokenizer when the checkpoint holds "
+                        "none (vocab.txt / tokenizer.json for BERT, spiece.model for T5 towers)")
     search.add_argument("--backend", choices=passage_index.BACKENDS,
                         help="override the saved backend")
     search.set_defaults(run=run_search)
@@ -75,7 +78,9 @@ def run_build(args: argparse.Namespace) -> int:
         if not len(store):
             raise ValueError(f"{args.passages}: holds no passages (an empty index is never "
                              "what a search needs)")
-        retriever = weights.load_retriever(args.retriever)
+        retriever = weights.load_retriever(args.retriever, tokenizer=args.tokenizer)
+        if retriever.tokenizer is None:
+            return _fail(f"{args.retriever} holds no tokenizer: pass --tokenizer")
     except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
         return _fail(str(e))
     start = time.perf_counter()
@@ -124,7 +129,7 @@ def run_search(args: argparse.Namespace) -> int:
             return _fail(f"{args.index}/manifest.json names no retriever: pass --retriever")
         retriever = weights.load_retriever(checkpoint, tokenizer=args.tokenizer)
         if retriever.tokenizer is None:
-            return _fail(f"{checkpoint} holds no tokenizer: pass --tokenizer vocab.txt")
+            return _fail(f"{checkpoint} holds no tokenizer: pass --tokenizer")
         index = passage_index.PassageIndex.load(args.index, backend=args.backend,
                                                 retriever_dim=retriever.config.embedding_dim)
         mask = index.filter_mask(args.where)
