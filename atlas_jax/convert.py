@@ -46,48 +46,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def save_retriever(retriever, folder: Path, tower: str = "query") -> Path:
     """A BertModel folder (config.json, model.safetensors, tokenizer.json when known) with the
     sentence-transformers files that record pooling, normalisation and max length."""
-    import jax
     from safetensors.numpy import save as save_bytes
 
     from atlas_jax import fileio
     from atlas_jax.formats import hf
     config = retriever.config
-    params = retriever.params
-    tower_params = params["encoder"] if "encoder" in params else params[f"{tower}_encoder"]
-    flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(tower_params)[0]}
+    flat = hf.tower_arrays(retriever.params, tower)
     tensors = {theirs: np.ascontiguousarray(transform(flat[ours]))   # transforms self-inverse
                for ours, (theirs, transform) in hf.bert_hf_mapping(config, "").items()}
     folder.mkdir(parents=True, exist_ok=True)
-    hf = {"architectures": ["BertModel"], "model_type": "bert",
-          "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-          "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-          "intermediate_size": config.mlp_dim,
-          "max_position_embeddings": config.max_position_embeddings,
-          "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.layer_norm_epsilon,
-          "hidden_act": _BERT_ACTIVATIONS_TO_HF[config.hidden_act],
-          "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
-    fileio.atomic_write_json(folder / "config.json", hf)
+    bert_config = {
+        "architectures": ["BertModel"], "model_type": "bert",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "intermediate_size": config.mlp_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.layer_norm_epsilon,
+        "hidden_act": _BERT_ACTIVATIONS_TO_HF[config.hidden_act],
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
+    fileio.atomic_write_json(folder / "config.json", bert_config)
     fileio.atomic_write_bytes(folder / "model.safetensors",
                               save_bytes(tensors, metadata={"format": "pt"}))
     if hasattr(retriever.tokenizer, "save"):      # a `tokenizers` tokenizer
         retriever.tokenizer.save(str(folder / "tokenizer.json"))
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"}]
-    if config.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir(exist_ok=True)
-    fileio.atomic_write_json(folder / "modules.json", modules)
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    fileio.atomic_write_json(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": config.hidden_size,
-        "pooling_mode_cls_token": config.pooling == "cls",
-        "pooling_mode_mean_tokens": config.pooling == "mean",
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
-    fileio.atomic_write_json(folder / "sentence_bert_config.json",
-                             {"max_seq_length": config.max_length, "do_lower_case": False})
+    hf.write_sentence_transformers(folder, config)
     return folder
 
 

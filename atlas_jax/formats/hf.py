@@ -434,3 +434,35 @@ def t5_hf_config(config) -> dict:
         "pad_token_id": config.pad_id, "eos_token_id": config.eos_id,
         "decoder_start_token_id": config.decoder_start_id,
     }
+
+
+def tower_arrays(params: dict, tower: str = "query") -> dict[str, np.ndarray]:
+    """{'layers_0/...': float32 array} of one retriever tower (the shared one when tied)."""
+    tree = params["encoder"] if "encoder" in params else params[f"{tower}_encoder"]
+    return {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_sentence_transformers(folder: Path, config: retriever_lib.RetrieverConfig,
+                                dense: str | None = None) -> None:
+    """modules.json (Transformer, Pooling[, Dense at `dense`][, Normalize]),
+    1_Pooling/config.json and sentence_bert_config.json: the files `retriever_config_from_hf`
+    and sentence-transformers read pooling, projection, normalisation and max length from."""
+    from atlas_jax import fileio
+    kinds = [("", "Transformer"), ("1_Pooling", "Pooling")] + (
+        [(dense, "Dense")] if dense else [])
+    if config.normalize:
+        kinds.append((f"{len(kinds)}_Normalize", "Normalize"))
+    modules = [{"idx": i, "name": str(i), "path": path,
+                "type": f"sentence_transformers.models.{kind}"}
+               for i, (path, kind) in enumerate(kinds)]
+    for path, _ in kinds[1:]:
+        (folder / path).mkdir(exist_ok=True)
+    fileio.atomic_write_json(folder / "modules.json", modules)
+    fileio.atomic_write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": config.hidden_size,
+        "pooling_mode_cls_token": config.pooling == "cls",
+        "pooling_mode_mean_tokens": config.pooling == "mean",
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
+    fileio.atomic_write_json(folder / "sentence_bert_config.json",
+                             {"max_seq_length": config.max_length, "do_lower_case": False})

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from atlas_jax import fileio
@@ -40,10 +39,8 @@ def is_tower_folder(folder: Path) -> bool:
 
 def save_tower(retriever, folder: Path, tower: str = "query") -> Path:
     from safetensors.numpy import save as save_bytes
-    config, params = retriever.config, retriever.params
-    tree = params["encoder"] if "encoder" in params else params[f"{tower}_encoder"]
-    flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(tree)[0]}
+    config = retriever.config
+    flat = hf.tower_arrays(retriever.params, tower)
     tensors = {theirs: np.ascontiguousarray(transform(flat[ours]))
                for ours, (theirs, transform) in _encoder_mapping(config).items()}
     tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"].copy()
@@ -60,22 +57,7 @@ def save_tower(retriever, folder: Path, tower: str = "query") -> Path:
         "bias": False, "activation_function": "torch.nn.modules.linear.Identity"})
     fileio.atomic_write_bytes(folder / DENSE / "model.safetensors", save_bytes(
         {"linear.weight": np.ascontiguousarray(kernel.T)}, metadata={"format": "pt"}))
-    modules = [{"idx": 0, "name": "0", "path": "",
-                "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": DENSE, "type": "sentence_transformers.models.Dense"}]
-    if config.normalize:
-        modules.append({"idx": 3, "name": "3", "path": "3_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (folder / "3_Normalize").mkdir(exist_ok=True)
-    fileio.atomic_write_json(folder / "modules.json", modules)
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    fileio.atomic_write_json(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": config.hidden_size, "pooling_mode_mean_tokens": True,
-        "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False})
-    fileio.atomic_write_json(folder / "sentence_bert_config.json",
-                             {"max_seq_length": config.max_length, "do_lower_case": False})
+    hf.write_sentence_transformers(folder, config, dense=DENSE)
     spiece = getattr(retriever.tokenizer, "path", None)
     if spiece is not None:
         fileio.atomic_write_bytes(folder / "spiece.model", Path(spiece).read_bytes())
