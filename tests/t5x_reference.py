@@ -10,6 +10,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from atlas_jax.formats.hf import unflatten
+
 
 def t5x_params_from_hf(state_dict: dict, gated: bool, untied: bool) -> dict[str, np.ndarray]:
     """t5x's T5 parameter names (flat, '/'-joined) from a transformers state dict: the
@@ -41,17 +43,6 @@ def t5x_params_from_hf(state_dict: dict, gated: bool, untied: bool) -> dict[str,
     if untied:
         out["decoder/logits_dense/kernel"] = sd["lm_head.weight"].T
     return out
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
 
 
 def write_zarr(folder: Path, array: np.ndarray, dtype: str, compressor: str = "gzip") -> dict:
@@ -94,9 +85,9 @@ def write_t5x_native(folder: Path, params: dict[str, np.ndarray], *, version: in
             row = "state.param_states." + name.replace("/", ".") + ".v_row"
             slots[name + "/v_row"] = write_zarr(folder / row, np.ones(array.shape[0], np.float32),
                                                 "<f4")
-    state = {"step": np.int32(100), "param_states": _nest(slots)}
+    state = {"step": np.int32(100), "param_states": unflatten(slots)}
     data = serialization.to_bytes({"version": version,
-                                   "optimizer": {"target": _nest(target), "state": state}})
+                                   "optimizer": {"target": unflatten(target), "state": state}})
     (folder / "checkpoint").write_bytes(data)
     return folder
 
@@ -105,9 +96,9 @@ def write_t5x_orbax(folder: Path, params: dict[str, np.ndarray], ocdbt: bool = F
     """checkpoint_N/state/ as t5x's orbax checkpoint manager writes it (one folder per leaf;
     `ocdbt`: orbax's newer default single-store layout)."""
     import orbax.checkpoint as ocp
-    state = {"target": _nest(params),
+    state = {"target": unflatten(params),
              "state": {"step": np.int32(100),
-                       "param_states": _nest({k + "/v": np.ones_like(v)
+                       "param_states": unflatten({k + "/v": np.ones_like(v)
                                               for k, v in list(params.items())[:3]})}}
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt))
     checkpointer.save(folder / "state", state)
