@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import emit
+
 PREDICTIONS = ("joint_hybrid_test", "joint_test", "frozen_retriever_test",
                "joint_hybrid_new_refreshed")
 
@@ -61,9 +63,7 @@ def main() -> None:
     for name, row in report["systems"].items():
         print(f"| {name} | {row['grounded']} | {row['grounded_em']:.3f} | {row['flagged']} | "
               f"{row['flagged_em']:.3f} |")
-    print(json.dumps(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import emit
+
 _MEASURE = """
 import json, resource, sys, time
 start = time.perf_counter()
@@ -108,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, row in result["rows"].items():
         print(f"{name:24} {row['seconds']:8.1f} {row['passages_per_s']:11.0f} "
               f"{row['peak_rss_mb']:12.0f}")
-    print(json.dumps(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -11,10 +11,11 @@ relative error; retrievers: min cosine and max relative norm error) and writes i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
+
+from bench import emit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'-' if cosine is None else f'{cosine:.7f}':>11} "
               f"{'-' if norm is None else f'{norm:.2e}':>13}")
     result = {"rows": rows}
-    print(json.dumps(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
     return result
 
 
