@@ -8,7 +8,8 @@
                      text = the entry as beancount's printer writes it; metadata `type`
                      (transaction|balance), `date` (ISO), `payee`, `narration`, `accounts`,
                      `amounts` (["45.60 USD", ...]), `amount` (float: the largest absolute
-                     USD posting amount, for range filters), `tags`
+                     USD posting amount, for range filters), `tags`, `file` and `line` (where
+                     the entry is written); ids are content-addressed (`entry_id`)
   qa_{train,dev,test,new}.jsonl, qa_train_64.jsonl
                      `{"id", "question", "answers", "kind", "gold_ids", "filters", "bql",
                      "phrasing"}`; the first answer is the ledger's own form
@@ -182,13 +183,42 @@ def _largest_amount(units: Sequence[Any]) -> float:
     return float(max(usd or [abs(u.number) for u in units] or [Decimal(0)]))
 
 
-def build_passages(entries: Sequence[Any]) -> list[tuple[dict, Any]]:
-    """(passage record, entry) for every transaction and balance assertion, in ledger
-    order; ids `txn-{date}-{n}` / `bal-{date}-{n}` (n counts from 1 within the day)."""
+ID_DIGEST_CHARS = 12   # hex digits of sha256 in an entry id: 48 bits
+
+
+def entry_id(prefix: str, date: datetime.date | str, text: str, occurrence: int = 1) -> str:
+    """The content-addressed id of an entry: `{prefix}-{date}-{12 hex of sha256(text)}`, with
+    `-{n}` appended for the n-th (n >= 2) entry of identical printed text in one ledger.
+    Changing anything the printer shows (payee, amount, account, metadata, ...) changes it;
+    moving the entry within the ledger, or to another file, does not."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:ID_DIGEST_CHARS]
+    return f"{prefix}-{date}-{digest}" + (f"-{occurrence}" if occurrence > 1 else "")
+
+
+def entry_location(entry: Any, root: str | Path | None = None) -> tuple[str, int | None]:
+    """(file, line) of an entry, the file relative to `root` when it lies under it."""
+    meta = getattr(entry, "meta", None) or {}
+    filename, line = str(meta.get("filename", "")), meta.get("lineno")
+    if root is not None and filename:
+        try:
+            filename = Path(filename).relative_to(Path(root).absolute()).as_posix()
+        except ValueError:
+            pass
+    return filename, int(line) if isinstance(line, int) else None
+
+
+def build_passages(entries: Sequence[Any], root: str | Path | None = None
+                   ) -> list[tuple[dict, Any]]:
+    """(passage record, entry) for every transaction and balance assertion, in ledger order.
+
+    Ids are content-addressed (`entry_id`): the same entry gets the same id in every ledger
+    and every run (`data ledger`, the demo, `ask`, `ledger sync`), so an index is diffed
+    against a ledger by id. Metadata `file` / `line` say where the entry is written (the file
+    relative to `root`, e.g. the main ledger's folder)."""
     from beancount.core import data
     from beancount.parser import printer
 
-    passages, per_day = [], collections.Counter()
+    passages, seen = [], collections.Counter()
     for entry in entries:
         if isinstance(entry, data.Transaction):
             prefix, payee = "txn", entry.payee or ""
@@ -202,17 +232,20 @@ def build_passages(entries: Sequence[Any]) -> list[tuple[dict, Any]]:
             title = f"{entry.date} balance {entry.account}"
         else:
             continue
-        per_day[(prefix, entry.date)] += 1
+        text = printer.format_entry(entry).rstrip("\n")
+        seen[(prefix, text)] += 1
+        filename, line = entry_location(entry, root)
         record = {
-            "id": f"{prefix}-{entry.date}-{per_day[(prefix, entry.date)]}",
+            "id": entry_id(prefix, entry.date, text, seen[(prefix, text)]),
             "title": title.strip(),
-            "text": printer.format_entry(entry).rstrip("\n"),
+            "text": text,
             "metadata": {
                 "type": "transaction" if prefix == "txn" else "balance",
                 "date": entry.date.isoformat(), "payee": payee, "narration": narration,
                 "accounts": accounts,
                 "amounts": [_amount_text(u.number, u.currency) for u in units],
                 "amount": _largest_amount(units), "tags": tags,
+                "file": filename, "line": line,
             },
         }
         passages.append((record, entry))
@@ -513,7 +546,7 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, start: str = DEFAULT
     write_example_ledger(ledger_path, seed, start_date, end_date, birth_date)
     seconds["ledger"] = time.perf_counter() - started
     entries, options = load_ledger(ledger_path, with_options=True)
-    passages = build_passages(entries)
+    passages = build_passages(entries, root=out)
     _write_jsonl(out / PASSAGES_FILE, [record for record, _ in passages])
     seconds["load_and_passages"] = time.perf_counter() - started - seconds["ledger"]
 

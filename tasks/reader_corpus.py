@@ -79,7 +79,7 @@ def generate_ledgers(out_dir: str | Path, ledgers: Sequence[tuple] = PRETRAIN_LE
                                         ledger.parse_date(birth, "birth"))
             entries = ledger.load_ledger(path)
             fileio.atomic_write_lines(passages, (json.dumps(record, ensure_ascii=False)
-                                                  for record, _ in ledger.build_passages(entries)))
+                                                  for record, _ in ledger.build_passages(entries, folder)))
         out.append((folder.name, passages))
     return out
 
