@@ -16,12 +16,14 @@ setup(
     # `tasks/` installs as `atlas_jax_tasks` (never as a bare top-level `tasks` module), and the
     # gin folder ships inside the package as `atlas_jax.gin` (a data-only namespace package).
     packages=["atlas_jax", "atlas_jax.models", "atlas_jax.index", "atlas_jax.formats",
+              "atlas_jax.fava",
               "atlas_jax_tasks",
               "atlas_jax.gin"],
     package_dir={"atlas_jax": "atlas_jax", "atlas_jax_tasks": "tasks", "atlas_jax.gin": "gin"},
     package_data={"atlas_jax.gin": [f"{d}/*.gin" if d != "." else "*.gin" for d in GIN_DIRS],
                   # the pre-trained reader shipped with the package (`make reader`)
-                  "atlas_jax": ["readers/*/*"]},
+                  "atlas_jax": ["readers/*/*"],
+                  "atlas_jax.fava": ["templates/*.html"]},
     install_requires=[
         "jax",
         "flax",
@@ -43,8 +45,8 @@ setup(
         "bm25s",
     ],
     extras_require={
-        # the ledger task, and the demo's plots
-        "ledger": ["beancount", "beanquery", "python-dateutil", "matplotlib"],
+        # the ledger task, the demo's plots, and the Fava "Ask" page (atlas_jax.fava)
+        "ledger": ["beancount", "beanquery", "python-dateutil", "matplotlib", "fava"],
         # torch pinned to the CPU wheel on this machine's disk: an unpinned torch pulls a
         # multi-GB CUDA build. transformers is the parity reference for the models.
         "dev": ["pytest", "torch==2.13.0", "transformers", "faiss-cpu"],

@@ -14,6 +14,9 @@ COMMANDS = {
     "demo": ("atlas_jax.demo", "few-shot QA over a generated Beancount ledger, end to end "
              "(report.json / report.md / plots)"),
     "ask": ("atlas_jax.ask", "answer a ledger question with a trained demo run, with evidence"),
+    "serve": ("atlas_jax.serve", "ledger QA over HTTP (/ask, a page, /health, /metrics) with "
+              "the index kept in sync with the ledger file"),
+    "ledger": ("atlas_jax.ledger_commands", "sync a demo run's index with a Beancount ledger"),
     "reader": ("atlas_jax.reader_commands", "pre-train the shipped reader (unsupervised, on "
                "generated ledgers) and export it"),
     "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),

@@ -50,11 +50,10 @@ from typing import Any
 import gin
 import numpy as np
 
-from atlas_jax import fileio
+from atlas_jax import demo_args, fileio
+from atlas_jax.demo_args import DEMO_GIN, QUICK_GIN, parse_gin  # noqa: F401 (public names)
 
-DEMO_GIN = "runs/demo.gin"
 OUTPUT_KIND = "demo"            # the kind in the folder's .atlas-jax.json marker (fileio)
-QUICK_GIN = "runs/demo_quick.gin"
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
 # stage -> the stage whose parameters it starts from (None: the shipped reader, MiniLM)
 STAGES = {
@@ -105,15 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- set-up
-
-def parse_gin(out: Path, quick: bool, gin_files: list[str], bindings: list[str],
-              search_paths: list[str], extra: list[str] = ()) -> None:
-    """Parses the demo gin (+ quick, + user files) with the folder macros of `out`."""
-    from atlas_jax import gin_config
-    files = [DEMO_GIN] + ([QUICK_GIN] if quick else []) + list(gin_files)
-    macros = [f"DEMO_DIR = {str(out)!r}"]
-    gin_config.parse(files, macros + list(extra) + list(bindings), search_paths)
-
 
 def write_corpus_split(ledger_dir: Path, cutoff: str) -> tuple[Path, Path, int, int]:
     """passages_before_cutoff.jsonl / passages_new.jsonl next to the ledger's passages."""
@@ -408,9 +398,8 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     before, after, n_before, n_after = write_corpus_split(ledger_dir, cutoff)
     timings["ledger"] = time.perf_counter() - mark
 
-    extra = [f"LEDGER_DIR = {str(ledger_dir)!r}", f"READER_SPM = {str(spm_path)!r}",
-             f"PASSAGES_FILE = {str(before)!r}", f"READER_VOCAB_SIZE = {vocab_size}"]
-    parse_gin(out, quick, gin_files, bindings, search_paths, extra)
+    parse_gin(out, quick, gin_files, bindings, search_paths,
+              demo_args.run_macros(out, vocab_size))
     atlas_jax_tasks.register_configured_tasks()
     pretraining.register_span_corruption_task("ledger_mlm_before_cutoff", {"train": str(before)},
                                               with_title=False)
@@ -423,9 +412,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
             record = json.loads(line)
             kinds[record["id"]] = record["kind"]
     fileio.atomic_write_text(out / "demo.gin", gin.config_str())
-    fileio.atomic_write_json(out / "demo_args.json", {
-        "quick": quick, "gin_files": list(gin_files), "bindings": list(bindings),
-        "search_paths": list(search_paths), "extra": extra})
+    demo_args.save_args(out, quick, gin_files, bindings, search_paths, vocab_size)
 
     results: dict[str, StageResult] = {}
     shared: dict[str, Any] = {}

@@ -149,6 +149,25 @@ def reader_token_table(store: passages_lib.PassageStore, vocabulary: Any, max_le
     return passages_lib.TokenArray.build(store.reader_texts(), encode_batch, max_length)
 
 
+def reader_inputs(prompts: Sequence[np.ndarray], rows: np.ndarray | None,
+                  reader_tokens: passages_lib.TokenArray, length: int) -> np.ndarray:
+    """(B, K, L) reader ids: prompt + passage reader tokens + EOS (all pad where
+    rows == -1); closed book (rows None): (B, 1, L) prompt + EOS."""
+    if rows is None:
+        rows = np.full((len(prompts), 1), -2)
+    out = np.zeros(rows.shape + (length,), np.int32)
+    for b, prompt in enumerate(prompts):
+        for k, row in enumerate(rows[b]):
+            if row == -1:
+                continue
+            passage = (np.zeros(0, np.int32) if row == -2 else np.asarray(
+                reader_tokens.token_ids[row, :reader_tokens.lengths[row]]))
+            tokens = np.concatenate([prompt, passage])[:length - 1]
+            out[b, k, :len(tokens)] = tokens
+            out[b, k, len(tokens)] = EOS_ID
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalSettings:
     """How a batch is retrieved (TrainConfig carries these)."""
@@ -217,22 +236,8 @@ class RetrievalBatcher:
                 np.where(valid, mask, 0).reshape(shape))
 
     def reader_inputs(self, prompts: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-        """(B, K, L) reader ids: prompt + passage reader tokens + EOS (all pad where
-        rows == -1); closed book (rows None): (B, 1, L) prompt + EOS."""
-        length = self.settings.reader_length
-        if rows is None:
-            rows = np.full((len(prompts), 1), -2)
-        out = np.zeros(rows.shape + (length,), np.int32)
-        for b, prompt in enumerate(prompts):
-            for k, row in enumerate(rows[b]):
-                if row == -1:
-                    continue
-                passage = (np.zeros(0, np.int32) if row == -2 else np.asarray(
-                    self.reader_tokens.token_ids[row, :self.reader_tokens.lengths[row]]))
-                tokens = np.concatenate([prompt, passage])[:length - 1]
-                out[b, k, :len(tokens)] = tokens
-                out[b, k, len(tokens)] = EOS_ID
-        return out
+        """(B, K, L) reader ids of the batcher's passages (see `reader_inputs`)."""
+        return reader_inputs(prompts, rows, self.reader_tokens, self.settings.reader_length)
 
     def embed_query_texts(self, texts: Sequence[str], embed_queries: EmbedFn) -> np.ndarray:
         """(B, D) query embeddings; with `cache_queries` (a frozen retriever: its embeddings

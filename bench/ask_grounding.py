@@ -2,7 +2,7 @@
 finished demo run's predictions (no model is run).
 
 For each prediction of a system, the evidence is the passages the reader read (the first
-`n_context` retrieved); an answer is *grounded* when `ask.grounding` finds an evidence entry
+`n_context` retrieved); an answer is *grounded* when `ledger_checks.grounding` finds an evidence entry
 that states it, else `ask` flags it low-confidence. Prints EM of grounded and flagged
 answers per system and split, and writes JSON.
 
@@ -23,7 +23,7 @@ PREDICTIONS = ("joint_hybrid_test", "joint_test", "frozen_retriever_test",
 
 
 def measure(run_dir: Path, n_context: int) -> dict:
-    from atlas_jax.ask import grounding
+    from atlas_jax.ledger_checks import grounding
     from atlas_jax.evaluation import exact_match
     texts = {}
     with (run_dir / "ledger" / "passages.jsonl").open(encoding="utf-8") as f:

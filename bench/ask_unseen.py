@@ -3,7 +3,7 @@
 Generates a ledger QA folder with a seed and years used nowhere in pre-training, the demo or
 the tests (default seed 4242, 2024-2025), indexes its entries into a finished demo run the
 way `ask --ledger` does (embedded by the run's passage tower, nothing retrained), and asks
-every non-aggregate `test` question through `ask.answer` (model loaded once). Prints a table
+every non-aggregate `test` question through `LedgerQA.answer` (model loaded once). Prints a table
 per question kind and a JSON result.
 
     python -m bench.ask_unseen --run demo_out [--seed 4242] [--limit 0]
@@ -20,18 +20,17 @@ import numpy as np
 
 
 def measure(run_dir: Path, ledger_dir: Path, limit: int | None) -> dict:
-    from atlas_jax import ask
     from atlas_jax.evaluation import exact_match
-    run_, params, index, weight = ask.load_model(run_dir)
-    began = time.perf_counter()
-    added = ask.add_ledger(run_, params, index, str(ledger_dir / "ledger.beancount"))
-    index_s = time.perf_counter() - began
+    from atlas_jax.ledger_qa import LedgerQA
+    qa = LedgerQA.load(run_dir)
+    sync = qa.sync(ledger_dir / "ledger.beancount")
+    added, index_s = sync["added"], sync["seconds"]
     questions = [json.loads(line) for line in
                  (ledger_dir / "qa_test.jsonl").read_text().splitlines()]
     questions = [q for q in questions if q["kind"] != "monthly_total"][:limit or None]
     rows, began = [], time.perf_counter()
     for q in questions:
-        out = ask.answer(run_, params, index, q["question"], weight)
+        out = qa.answer(q["question"])
         rows.append({"id": q["id"], "kind": q["kind"], "question": q["question"],
                      "answer": out["answer"], "answers": q["answers"],
                      "em": exact_match(out["answer"], q["answers"]),

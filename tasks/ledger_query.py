@@ -93,6 +93,47 @@ _EXPENSE_WORDS = re.compile(r"\b(?:expenses?|spen[dt]|spending)\b", re.IGNORECAS
 _CATEGORY_CONTEXT = re.compile(r"\b(?:expenses?|spen[dt]|spending|totals?|booked|cost|"
                                r"paid|pay)\b", re.IGNORECASE)
 
+# The answer a question asks for, read from its wording without names, amounts and dates
+# (a payee called "Balance Fitness" does not make a balance question); first match wins.
+ANSWER_TYPES = ("date", "balance", "account", "payee", "amount")
+_ANSWER_TYPE_WORDING = (
+    ("date", re.compile(r"\bwhen\b|\b(?:what|which)\s+(?:date|day)\b", re.IGNORECASE)),
+    ("balance", re.compile(r"\bbalances?\b", re.IGNORECASE)),
+    ("account", re.compile(r"\b(?:what|which)\b(?:\s+\w+){0,2}?\s+(?:account|category)\b",
+                           re.IGNORECASE)),
+    ("payee", re.compile(r"\bwho(?:m)?\b|\bwhich\s+(?:payee|merchant|store|shop|vendor)\b|"
+                         r"\bpayee\b", re.IGNORECASE)),
+    ("amount", re.compile(r"\bhow\s+much\b|\bamount\b|\btotals?\b|\badd(?:ed)?\s+up\b|"
+                          r"\bcost\b|\bsum\b", re.IGNORECASE)),
+)
+# What an answer looks like: an ISO date, an amount (`40.88 USD`, `-1,200.00`), an account.
+_DATE_ANSWER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_AMOUNT_ANSWER = re.compile(r"^[-+]?\$?\d[\d,]*(?:\.\d+)?(?:\s+[A-Z][A-Z0-9'._-]{0,23})?$")
+_ACCOUNT_ANSWER = re.compile(r"^(?:" + "|".join(ACCOUNT_ROOTS) + r")(?::[A-Z0-9][\w-]*)+$")
+
+
+def answer_type_of(answer: str) -> str | None:
+    """The form of an answer text: `date`, `amount`, `account`, `text` (a name, e.g. a
+    payee), or None when it is empty."""
+    answer = answer.strip()
+    if not answer:
+        return None
+    for kind, pattern in (("date", _DATE_ANSWER), ("amount", _AMOUNT_ANSWER),
+                          ("account", _ACCOUNT_ANSWER)):
+        if pattern.match(answer):
+            return kind
+    return "text"
+
+
+def answer_fits(expected: str | None, answer: str) -> bool:
+    """Whether `answer`'s form is what a question expecting `expected` asks for (a balance
+    is an amount, a payee a name); any non-empty answer fits an unknown type."""
+    form = answer_type_of(answer)
+    if form is None:
+        return False
+    wanted = {"balance": "amount", "payee": "text"}.get(expected, expected)
+    return expected is None or form == wanted
+
 
 @dataclasses.dataclass(frozen=True)
 class LedgerVocabulary:
@@ -158,6 +199,7 @@ class ParsedQuery:
     accounts: tuple[str, ...] = ()
     account_prefixes: tuple[str, ...] = ()
     spans: tuple[tuple[str, str], ...] = ()
+    answer_type: str | None = None     # one of ANSWER_TYPES, None when the wording is unclear
 
 
 class _Claims:
@@ -322,6 +364,8 @@ def parse_query(question: str, vocabulary: LedgerVocabulary | None = None,
         else:
             accounts.append(name)
     wording = claims.unclaimed(question)   # without names, amounts and dates
+    answer_type = next((kind for kind, pattern in _ANSWER_TYPE_WORDING
+                        if pattern.search(wording)), None)
     category_words = vocabulary.category_words() if _CATEGORY_CONTEXT.search(wording) else {}
     pattern = _word_pattern(category_words)
     for match in claims.matches(pattern, question) if pattern else ():
@@ -346,4 +390,5 @@ def parse_query(question: str, vocabulary: LedgerVocabulary | None = None,
     return ParsedQuery(
         filters=tuple(filters), date=date, date_range=date_range, amount=amount, payee=payee,
         accounts=tuple(accounts), account_prefixes=tuple(prefixes),
-        spans=tuple((kind, text) for _, kind, text in sorted(claims.spans)))
+        spans=tuple((kind, text) for _, kind, text in sorted(claims.spans)),
+        answer_type=answer_type)

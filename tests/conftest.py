@@ -23,3 +23,23 @@ def _gin_cleared_between_test_files():
     gin.clear_config(clear_constants=True)
     yield
     gin.clear_config(clear_constants=True)
+
+
+def run_cli(*args, timeout=1500, cwd=None):
+    """`python -m atlas_jax.cli ARGS` in a subprocess (from the repository unless `cwd`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    return subprocess.run([sys.executable, "-m", "atlas_jax.cli", *args],
+                          cwd=cwd or Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`atlas-jax demo --quick` once per test session: (out folder, stdout). Shared by
+    test_demo (the report, `ask`) and test_serve (the server, sync, Fava)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_cli("demo", "--out", str(out), "--quick")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stdout

@@ -5,38 +5,27 @@ stage; its EM numbers mean nothing, but retrieval, filters, the hot swap and the
 real and checked here.
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gin
 import pytest
 
 from atlas_jax.demo import SYSTEMS
+from tests.conftest import run_cli
 from tests.squad_reference import exact_match
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=1500):
-    return subprocess.run([sys.executable, "-m", "atlas_jax.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+def _cli(*args, timeout=1500, cwd=None):
+    return run_cli(*args, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(autouse=True)
 def _clear_gin():
     yield
     gin.clear_config(clear_constants=True)
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = _cli("demo", "--out", str(out), "--quick")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, result.stdout
 
 
 def test_report_schema_and_files(demo_run):
@@ -96,54 +85,41 @@ def test_retrieval_filters_and_hot_swap(demo_run):
     assert swap["new_passages"] > 0
 
 
-def test_ask_answers_with_evidence_and_hot_swaps_a_grown_ledger(demo_run, tmp_path):
-    from atlas_jax import ask
+def test_ask_answers_with_evidence_and_syncs_a_grown_ledger(demo_run, tmp_path):
+    from atlas_jax.ledger_qa import LedgerQA
     out, _ = demo_run
     record = next(r for r in map(json.loads, (out / "ledger" / "qa_test.jsonl").read_text()
                                  .splitlines()) if r["kind"] == "payment_amount")
-    run, params, index, weight = ask.load_model(out)
-    result = ask.answer(run, params, index, record["question"], weight)
+    qa = LedgerQA.load(out)
+    result = qa.answer(record["question"])
     assert result["evidence"] and result["evidence"][0]["id"] in record["gold_ids"]
+    assert result["evidence"][0]["location"].startswith("ledger.beancount:")
     assert any(f.startswith("date") for f in result["filters"])
+    assert result["answer_type"] == "amount"
     assert 0.0 <= result["confidence"] <= 1.0 and isinstance(result["answer"], str)
     assert set(result["grounded_in"]) <= {e["id"] for e in result["evidence"]}
     assert result["grounded_in"] or "no evidence entry states this answer" in result["why_low"]
 
     # A question about a day with no entry is flagged, not answered with confidence.
-    lost = ask.answer(run, params, index, "How much did I pay Chichipotle on 1999-01-01?",
-                      weight)
+    lost = qa.answer("How much did I pay Chichipotle on 1999-01-01?")
     assert lost["low_confidence"] and "no ledger entry" in lost["why_low"][0]
 
-    # The ledger grows by one entry: --ledger indexes it without retraining.
+    # The ledger grows by one entry: a sync embeds it (and nothing else) without retraining.
     ledger = tmp_path / "ledger.beancount"
     shutil.copy(out / "ledger" / "ledger.beancount", ledger)
     with ledger.open("a") as f:
         f.write('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
                 "  Expenses:Food:Restaurant  77.41 USD\n"
-                "  Liabilities:US:Chase:Slate  -77.41 USD\n")
-    before = len(index.store)
-    added = ask.add_ledger(run, params, index, str(ledger))
-    assert added >= 1 and len(index.store) == before + added
-    grown = ask.answer(run, params, index, "How much did I pay Zyxwv Bakery on 30 Dec 2022?",
-                       weight)
+                "  Expenses:Food:Groceries  -77.41 USD\n")
+    before = qa.holder.version
+    report = qa.sync(ledger)
+    assert report["added"] == 1 and report["removed"] == 0 and qa.holder.version == before + 1
+    assert report["entries"] == len(qa.holder.current.index.store)
+    grown = qa.answer("How much did I pay Zyxwv Bakery on 30 Dec 2022?")
     assert "Zyxwv Bakery" in grown["evidence"][0]["text"]
     assert "payee=Zyxwv Bakery" in grown["filters"]
-
-
-def test_grounding_matches_amounts_and_names():
-    from atlas_jax.ask import grounding
-    evidence = [
-        {"id": "a", "text": '2021-01-14 * "Kin Soy" "Eating out"\n'
-                            "  Liabilities:US:Chase:Slate  -25.84 USD\n"
-                            "  Expenses:Food:Restaurant     25.84 USD"},
-        {"id": "b", "text": "2021-02-10 balance Assets:US:BofA:Checking  2,973.33 USD"}]
-    assert grounding("25.84 USD", evidence) == ["a"]
-    assert grounding("$2973.33", evidence) == ["b"]
-    assert grounding("23.34 USD", evidence) == []
-    assert grounding("14 USD", evidence) == []           # the date's day is not an amount
-    assert grounding("Kin soy", evidence) == ["a"]
-    assert grounding("Expenses:Food:Restaurant", evidence) == ["a"]
-    assert grounding("Chichipotle", evidence) == grounding("", evidence) == []
+    lines = len(ledger.read_text().splitlines())
+    assert grown["evidence"][0]["location"] == f"ledger.beancount:{lines - 2}"
 
 
 def test_ask_command_line(demo_run, tmp_path):
@@ -159,6 +135,24 @@ def test_ask_command_line(demo_run, tmp_path):
     bad.write_text('2022-01-01 open Assets:Cash\n2022-01-02 * "x" "y"\n  Assets:Cash  abc USD\n')
     result = _cli("ask", "--run", str(out), "--ledger", str(bad), "anything?", timeout=600)
     assert result.returncode == 2 and str(bad) in result.stderr
+
+
+def test_run_folder_is_relocatable(demo_run, tmp_path):
+    """A moved run folder answers from any working directory (paths are resolved from it)."""
+    out, _ = demo_run
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(out, moved)           # the original place no longer exists
+    try:
+        args = json.loads((moved / "demo_args.json").read_text())
+        assert all(not Path(f).is_absolute() for f in args["gin_files"])
+        result = _cli("ask", "--run", "run", "--json", "How much did I pay Chichipotle on "
+                      "2022-03-01?", timeout=600, cwd=tmp_path / "elsewhere")
+    finally:
+        shutil.move(moved, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["evidence"] and answer["answer_type"] == "amount"
 
 
 def test_bad_input_is_named(tmp_path):

@@ -1,0 +1,274 @@
+"""Ledger question answering on a trained demo run: load once, sync with a ledger, answer.
+
+`LedgerQA.load(run_dir)` restores the demo's jointly trained model (`runs/finetune_joint`,
+latest checkpoint) and its refreshed index once; `sync(ledger_file)` makes the index mirror a
+Beancount ledger (`ledger_sync.sync_index`: only added or changed entries are embedded) and
+hot-swaps it in (`HotSwapIndex`: searches in flight finish on the version they started on,
+never on a mix); `answer(question)` is thread-safe and is what `atlas-jax ask`, `atlas-jax
+serve` and the Fava page call.
+
+One answer: the question's filters and expected answer type are parsed
+(`atlas_jax_tasks.ledger_query`), BM25 + dense retrieval (the fusion weight the demo chose on
+dev) runs among the entries that satisfy the filters, the FiD reader generates from the top
+`n_context` entries, and the answer is checked (`checks`): it is shown as "not sure"
+(`low_confidence`, with the reasons in `why_low`) when no entry satisfies the filters, when
+its form is not the one the question asks for (an amount to "who was paid ..."), when no
+evidence entry states it, or when the reader's per-token likelihood of it is below
+`min_confidence`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGE = "finetune_joint"
+INDEX_FOLDER = "index_refreshed"
+DEFAULT_MIN_CONFIDENCE = 0.5
+
+
+class LedgerQAError(ValueError):
+    """A run folder or ledger that cannot be used; the message names the file."""
+
+
+@dataclasses.dataclass
+class IndexVersion:
+    """One published index with what answering needs from it, built before it is swapped in
+    (so no search pays for it): the reader's token table of its passages and the ledger
+    vocabulary (payees, accounts) the question parser reads."""
+    index: Any
+    reader_tokens: Any
+    vocabulary: Any
+    ledger: str | None = None
+    sync: dict | None = None
+
+    def search(self, *args, **kwargs):
+        return self.index.search(*args, **kwargs)
+
+
+def read_json(path: Path, required: tuple[str, ...]) -> dict:
+    """A JSON object file of the run folder with `required` keys; LedgerQAError naming it."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:  # malformed JSON, not UTF-8, unreadable
+        raise LedgerQAError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    missing = [key for key in required if key not in value] if isinstance(value, dict) else [
+        "a JSON object"]
+    if missing:
+        raise LedgerQAError(f"{path}: lacks {missing}; was the folder written by "
+                            "`atlas-jax demo`?")
+    return value
+
+
+def _restore(run_dir: Path):
+    """(trainer Run, params) of the demo's fine-tuned stage, parsed from the run folder's own
+    gin (paths resolved inside `run_dir`, so the folder can move)."""
+    import gin
+
+    import atlas_jax_tasks
+    from atlas_jax import checkpoints, demo, trainer
+    args_path = run_dir / "demo_args.json"
+    if not args_path.is_file():
+        raise LedgerQAError(f"{args_path}: not found; --run must be a folder written by "
+                            "`atlas-jax demo --out DIR`")
+    args = read_json(args_path, ("quick", "gin_files", "bindings", "search_paths", "extra"))
+    demo.parse_run_gin(run_dir, args)
+    atlas_jax_tasks.register_configured_tasks()
+    with gin.config_scope(STAGE):
+        config = trainer.TrainConfig(model_dir=str(run_dir / "runs" / STAGE))
+        run = trainer.build_run(config)
+    ckpt = checkpoints.Checkpoints(config.run_dir / "checkpoints", config.max_to_keep)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise LedgerQAError(f"{config.run_dir / 'checkpoints'}: no checkpoint (the demo did "
+                                "not finish its fine-tuning stage)")
+        state, _ = ckpt.restore(step, {"params": run.params,
+                                       "opt_state": trainer.init_opt_state(run, run.params)})
+    finally:
+        ckpt.close()
+    return run, state["params"]
+
+
+def _dense_weight(run_dir: Path) -> float:
+    report = run_dir / "report.json"
+    if not report.is_file():
+        return 1.0
+    try:
+        return float(read_json(report, ("config",))["config"]["dense_weight"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LedgerQAError(f"{report}: no config.dense_weight ({e!r})") from None
+
+
+class LedgerQA:
+    """A demo run loaded for answering; see the module docstring."""
+
+    def __init__(self, run_dir: Path, run: Any, params: dict, index: Any, dense_weight: float,
+                 min_confidence: float = DEFAULT_MIN_CONFIDENCE):
+        from atlas_jax.index import refresh
+        self.run_dir, self.run, self.params = Path(run_dir), run, params
+        self.dense_weight, self.min_confidence = dense_weight, min_confidence
+        self.base_index = index                 # the run's own index (the demo ledger's)
+        self.holder = refresh.HotSwapIndex(self.prepare(index))
+        self._model_lock = threading.Lock()     # one model call at a time (2 cores)
+        self._sync_lock = threading.Lock()
+        self._compiled: dict = {}
+
+    @classmethod
+    def load(cls, run_dir: str | Path, min_confidence: float = DEFAULT_MIN_CONFIDENCE
+             ) -> "LedgerQA":
+        from atlas_jax.index import passage_index
+        run_dir = Path(run_dir).absolute()
+        run, params = _restore(run_dir)
+        index_dir = run_dir / INDEX_FOLDER
+        if not index_dir.is_dir():
+            raise LedgerQAError(f"{index_dir}: not found (the demo writes it after evaluation)")
+        index = passage_index.PassageIndex.load(index_dir, mesh=run.mesh)
+        return cls(run_dir, run, params, index, _dense_weight(run_dir), min_confidence)
+
+    # ---------------------------------------------------------------- index versions
+    def prepare(self, index: Any, ledger: str | None = None,
+                sync: dict | None = None) -> IndexVersion:
+        """An `IndexVersion` of `index` with its BM25 index and metadata table built."""
+        from atlas_jax.train_data import reader_token_table
+        from atlas_jax_tasks import ledger_query
+        tokens = reader_token_table(index.store, self.run.vocabulary,
+                                    int(self.run.config.feature_lengths["inputs"]))
+        vocabulary = ledger_query.LedgerVocabulary.from_records(
+            {"id": i, "metadata": m} for i, m in zip(index.store.ids, index.store.metadata))
+        index.bm25, index.metadata_table  # noqa: B018 (built now, not by the first search)
+        return IndexVersion(index, tokens, vocabulary, ledger, sync)
+
+    def sync(self, ledger_file: str | Path, persist: bool = True) -> dict:
+        """Makes the index mirror `ledger_file` (`ledger_sync.sync_index`) and swaps it in;
+        returns the sync report. One sync at a time; searches go on meanwhile."""
+        from atlas_jax import ledger_sync
+        ledger_file = str(Path(ledger_file).absolute())
+        with self._sync_lock:
+            current = self.holder.current     # only syncs replace it, and they hold the lock
+            index, report = ledger_sync.sync_run_index(
+                self.run_dir, self.base_index, ledger_file, self.embed_records,
+                persist=persist, mesh=self.run.mesh,
+                current=current.index if current.ledger == ledger_file else None)
+            version = self.prepare(index, ledger_file, report)
+            report["version"] = self.holder.swap(version)
+            return report
+
+    # ---------------------------------------------------------------- model calls
+    def embed_records(self, records: list[dict]) -> np.ndarray:
+        """Passage embeddings of ledger records (not under the model lock: a sync never
+        holds answers up; XLA shares the cores)."""
+        from atlas_jax import ledger_sync
+        return ledger_sync.embed_records(self.run.retriever, self.run.passage_params(
+            self.params), records, self.run.mesh)
+
+    def _embed_query(self, question: str) -> np.ndarray:
+        from atlas_jax import trainer
+        embed = trainer.make_embed_fn(self.run, "query")
+        ids, mask = self.run.batcher.query_tokens([question])
+        with self._model_lock:
+            return embed(self.params[self.run.retriever_key], ids, mask)
+
+    def _read(self, reader_ids: np.ndarray) -> tuple[list[int], float]:
+        """Greedy answer tokens (EOS included) and the reader's per-token likelihood of them
+        (geometric mean, teacher-forced), both jit on the mesh."""
+        from atlas_jax import trainer
+        target_length = int(self.run.config.feature_lengths["targets"])
+        batch = self.run.mesh.shape["data"]
+        padded = np.repeat(reader_ids, batch, axis=0)
+        generate = trainer.make_generate_fn(self.run, target_length)
+        with self._model_lock:
+            tokens = list(generate(self.params["reader"], padded)[0])
+            generated = tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
+            targets = np.zeros((batch, target_length), np.int32)
+            targets[:, :len(generated)] = generated
+            token_logp = self._score_fn()(self.params["reader"], padded, targets)[0]
+        mean = float(np.asarray(token_logp)[:len(generated)].mean()) if generated else -np.inf
+        return generated, float(np.exp(mean))
+
+    def _score_fn(self):
+        if "score" not in self._compiled:
+            import flax.linen as nn
+            import jax
+            import jax.numpy as jnp
+
+            from atlas_jax import distributed, partitioning
+            model, run = self.run.models.reader, self.run
+
+            @jax.jit
+            def score(params, reader_ids, targets):
+                decoder_inputs = jnp.concatenate(
+                    [jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+                logits = model.apply({"params": params}, reader_ids, decoder_inputs,
+                                     deterministic=True)
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+            def call(params, reader_ids, targets):
+                with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+                    out = score(params, jax.device_put(
+                        reader_ids, partitioning.batch_sharding(run.mesh, 3)),
+                        jax.device_put(targets, partitioning.batch_sharding(run.mesh, 2)))
+                return distributed.host_array(out)
+            self._compiled["score"] = call
+        return self._compiled["score"]
+
+    # ---------------------------------------------------------------- answering
+    def answer(self, question: str, k: int | None = None) -> dict:
+        """Answer, likelihood, checks and evidence for one question (thread-safe)."""
+        from atlas_jax import ledger_checks
+        from atlas_jax.index import hybrid
+        from atlas_jax.train_data import reader_inputs
+        from atlas_jax_tasks import ledger_query
+        from atlas_jax_tasks.qa import strip_sentinels
+        if not isinstance(question, str) or not question.strip():
+            raise LedgerQAError("the question is empty")
+        started = time.perf_counter()
+        n_context = self.run.config.n_context
+        k = max(k or n_context, 1)
+        query = self._embed_query(question)
+        config = hybrid.HybridConfig(dense_weight=self.dense_weight, bm25_weight=1.0)
+        with self.holder.pinned() as (version, current):
+            parsed = ledger_query.parse_query(question, current.vocabulary)
+            where = list(parsed.filters) or None
+            result = current.search(query, k, where=where, query_texts=[question], hybrid=True,
+                                    hybrid_config=config)
+            unmatched = where is not None and not (np.asarray(result.ids)[0] >= 0).any()
+            if unmatched:  # nothing satisfies the filters: the best unfiltered entries
+                result = current.search(query, k, query_texts=[question], hybrid=True,
+                                        hybrid_config=config)
+            found = np.asarray(result.ids)[0]
+            evidence = _evidence(current, found, np.asarray(result.scores)[0])
+            rows = np.full((1, n_context), -1)
+            rows[0, :min(n_context, len(found))] = found[:n_context]
+            prompt = f"question: {question.strip()} answer: <extra_id_0>"
+            prompts = [np.asarray(self.run.vocabulary.encode(prompt), np.int32)]
+            ids = reader_inputs(prompts, rows, current.reader_tokens,
+                                int(self.run.config.feature_lengths["inputs"]))
+        generated, confidence = self._read(ids)
+        text = strip_sentinels(self.run.vocabulary.decode([t for t in generated if t != 1]))
+        checked = ledger_checks.check_answer(text, parsed.answer_type, evidence, confidence,
+                                             self.min_confidence,
+                                             list(parsed.filters) if unmatched else None)
+        return {"question": question, "answer": text, "confidence": confidence,
+                **checked, "filters": list(parsed.filters), "index_version": version,
+                "evidence": evidence, "seconds": time.perf_counter() - started}
+
+
+def _evidence(version: IndexVersion, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
+    store = version.index.store
+    out = []
+    for row, score in zip(rows, scores):
+        if row < 0:
+            continue
+        metadata = store.metadata[row] or {}
+        line = metadata.get("line")
+        out.append({"id": store.ids[row], "date": metadata.get("date"), "score": float(score),
+                    "text": store.texts[row], "metadata": metadata,
+                    "location": f"{metadata.get('file')}:{line}" if line else None})
+    return out
