@@ -71,13 +71,13 @@ def _restore(run_dir: Path):
     import gin
 
     import atlas_jax_tasks
-    from atlas_jax import checkpoints, demo, trainer
+    from atlas_jax import checkpoints, demo_args, trainer
     args_path = run_dir / "demo_args.json"
     if not args_path.is_file():
         raise LedgerQAError(f"{args_path}: not found; --run must be a folder written by "
                             "`atlas-jax demo --out DIR`")
     args = read_json(args_path, ("quick", "gin_files", "bindings", "search_paths", "extra"))
-    demo.parse_run_gin(run_dir, args)
+    demo_args.parse_run_gin(run_dir, args)
     atlas_jax_tasks.register_configured_tasks()
     with gin.config_scope(STAGE):
         config = trainer.TrainConfig(model_dir=str(run_dir / "runs" / STAGE))
