@@ -66,10 +66,12 @@ def test_ask_page_answers_with_links_to_entries(fava_app):
     status, _, page = _get(page_url)
     assert status == 200 and 'id="answer"' in page and 'id="evidence"' in page, page[-2000:]
     assert "Zyxwv Bakery" in page                              # the entry is the evidence
-    links = re.findall(r'href="([^"]*context/\?entry_hash=[0-9a-f]+)"', page)
+    links = re.findall(r'href="(/[^"#]*/journal/)#context-([0-9a-f]+)"', page)
     assert links, "evidence entries link to Fava's entry views"
-    status, _, context = _get(base + links[0].replace("&amp;", "&"))
-    assert status == 200
+    assert _get(base + links[0][0])[0] == 200
+    # the hash is Fava's own id of the evidence entry (its context API knows it)
+    status, _, context = _get(f"{base}/{slug}/api/context?entry_hash={links[0][1]}")
+    assert status == 200 and "Zyxwv Bakery" in context
     # the JSON endpoint, on the same code path
     request = urllib.request.Request(f"{base}/{slug}/extension/AtlasAsk/ask",
                                      data=json.dumps({"question": QUESTION}).encode(),

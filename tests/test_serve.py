@@ -166,3 +166,15 @@ def test_a_broken_save_keeps_the_index(service):
     while svc.last_sync_error is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert json.loads(_request(url + "/health")[1])["status"] == "ok"
+
+
+def test_fava_extension_can_ask_a_running_server(service):
+    fava_extension = pytest.importorskip("atlas_jax.fava")
+    _, url, _ = service
+    extension = fava_extension.AtlasAsk(None, repr({"url": url}))
+    answer = extension.answer(QUESTION)
+    assert answer["answer_type"] == "amount" and answer["evidence"]
+    with pytest.raises(ValueError, match="not reachable"):
+        fava_extension.AtlasAsk(None, repr({"url": "http://127.0.0.1:9"})).answer(QUESTION)
+    with pytest.raises(ValueError, match="configure"):
+        fava_extension.AtlasAsk(None, "{}")

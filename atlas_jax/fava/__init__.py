@@ -8,7 +8,7 @@ Enable it in the ledger (Fava's extension API):
 (`ledger_qa.LedgerQA`, loaded on the first question; the index is synced with the ledger
 Fava has open whenever its files change). `{'url': 'http://127.0.0.1:8765', 'token': T}`
 sends the questions to a running `atlas-jax serve` instead (started with the same ledger).
-Evidence entries link to Fava's own view of the entry (its context page). The page is at
+Evidence entries link to Fava's own view of the entry (its context overlay). The page is at
 `/<ledger>/extension/AtlasAsk/?q=...` and has a JSON endpoint `.../extension/AtlasAsk/ask`
 (POST `{"question": ...}`).
 """
@@ -84,7 +84,8 @@ class AtlasAsk(FavaExtensionBase):
             raise ValueError(f"{self.url}: not reachable ({e})") from None
 
     def entry_link(self, hit: dict) -> str | None:
-        """Fava's context page of an evidence entry, found by its file and line."""
+        """Fava's view of an evidence entry (its context overlay over the journal), found by
+        the entry's file and line."""
         from flask import url_for
 
         from fava.beans.funcs import hash_entry
@@ -96,7 +97,8 @@ class AtlasAsk(FavaExtensionBase):
         for entry in self.ledger.all_entries:
             meta = getattr(entry, "meta", None) or {}
             if (meta.get("filename"), meta.get("lineno")) == where:
-                return url_for("report", report_name="context", entry_hash=hash_entry(entry))
+                # Fava shows an entry's context as an overlay: `#context-<entry hash>`.
+                return f"{url_for('report', report_name='journal')}#context-{hash_entry(entry)}"
         return None
 
     def render_answer(self, question: str) -> Markup:
