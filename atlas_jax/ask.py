@@ -21,10 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from atlas_jax.ledger_checks import grounding  # noqa: F401 (the check `ask` applies)
-from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA, LedgerQAError
-
-AskError = LedgerQAError
+from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

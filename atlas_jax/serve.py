@@ -112,10 +112,15 @@ class LedgerService:
         finally:
             self.syncing = False
         self.files = report.get("files") or [self.ledger]
-        self._signature = signature if len(signature) == len(self.files) else self._stat()
+        # A new list of files (an `include` added): check them all again on the next poll.
+        self._signature = signature if [s[0] for s in signature] == self.files else None
         self.last_sync, self.last_sync_error = report, None
         self.counts["syncs"] += 1
         return report
+
+    def changed(self) -> bool:
+        """Whether a ledger file changed (or appeared, or vanished) since the last sync."""
+        return self._stat() != self._signature
 
     def start_watching(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="ledger-watcher",
@@ -129,9 +134,9 @@ class LedgerService:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            signature = self._stat()
-            if signature == self._signature:
+            if not self.changed():
                 continue
+            signature = self._stat()
             time.sleep(min(self.poll_seconds, 0.2))   # let an editor finish writing
             try:
                 self.sync()
@@ -203,10 +208,10 @@ def prometheus(metrics: dict) -> str:
                   f"atlas_jax_{name}_total {metrics['counts'].get(name, 0)}"]
     lines.append("# TYPE atlas_jax_ask_latency_seconds summary")
     for phase, stats in metrics["ask_latency_seconds"].items():
-        for q in ("p50", "p95", "p99"):
+        for q, quantile in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
             if q in stats:
                 lines.append(f'atlas_jax_ask_latency_seconds{{phase="{phase}",'
-                             f'quantile="0.{q[1:]}"}} {stats[q]:.6f}')
+                             f'quantile="{quantile}"}} {stats[q]:.6f}')
         lines.append(f'atlas_jax_ask_latency_seconds_count{{phase="{phase}"}} '
                      f"{stats['count']}")
     return "\n".join(lines) + "\n"

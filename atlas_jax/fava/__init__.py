@@ -61,7 +61,7 @@ class AtlasAsk(FavaExtensionBase):
             return self._remote(question)
         from atlas_jax import serve
         service = _service(self.run_dir, self.ledger.beancount_file_path)
-        if service.last_sync is None or service._stat() != service._signature:
+        if service.last_sync is None or service.changed():
             if service.sync() is None:
                 raise ValueError(f"the ledger did not load: {service.last_sync_error}")
         try:
