@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         qa = LedgerQA.load(Path(args.run_dir), args.min_confidence)
         sync = qa.sync(args.ledger) if args.ledger else None
         out = qa.answer(args.question, args.k)
-    except (ValueError, FileNotFoundError) as e:   # LedgerError, LedgerQAError, IndexLoadError
+    except (ValueError, OSError) as e:   # LedgerError, LedgerQAError, IndexLoadError, I/O
         print(f"atlas-jax ask: {e}", file=sys.stderr)
         return 2
     if sync is not None:

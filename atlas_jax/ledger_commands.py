@@ -23,7 +23,7 @@ def run_sync(args: argparse.Namespace) -> int:
     try:
         qa = ledger_qa.LedgerQA.load(args.run_dir)
         report = qa.sync(args.ledger)
-    except (ValueError, FileNotFoundError) as e:   # LedgerError, LedgerQAError, IndexLoadError
+    except (ValueError, OSError) as e:   # LedgerError, LedgerQAError, IndexLoadError, I/O
         print(f"atlas-jax ledger sync: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -137,6 +137,26 @@ def test_ask_command_line(demo_run, tmp_path):
     assert result.returncode == 2 and str(bad) in result.stderr
 
 
+def test_ledger_sync_command(demo_run, tmp_path):
+    out, _ = demo_run
+    ledger = tmp_path / "books.beancount"
+    shutil.copy(out / "ledger" / "ledger.beancount", ledger)
+    with ledger.open("a") as f:
+        f.write('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
+                "  Expenses:Food:Restaurant  77.41 USD\n"
+                "  Expenses:Food:Groceries  -77.41 USD\n")
+    result = _cli("ledger", "sync", "--run", str(out), "--ledger", str(ledger), "--json",
+                  timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # the demo ledger's entries are in the run's index already: only the new one is embedded
+    assert (report["added"], report["removed"]) == (1, 0)
+    assert Path(report["persisted"], "manifest.json").is_file()
+    result = _cli("ledger", "sync", "--run", str(out), "--ledger", str(tmp_path / "none"),
+                  timeout=600)
+    assert result.returncode == 2 and "no such ledger file" in result.stderr
+
+
 def test_run_folder_is_relocatable(demo_run, tmp_path):
     """A moved run folder answers from any working directory (paths are resolved from it)."""
     out, _ = demo_run
