@@ -225,7 +225,7 @@ class LedgerQA:
         from atlas_jax.index import hybrid
         from atlas_jax.train_data import reader_inputs
         from atlas_jax_tasks import ledger_query
-        from atlas_jax_tasks.qa import strip_sentinels
+        from atlas_jax.vocabulary import strip_sentinels
         if not isinstance(question, str) or not question.strip():
             raise LedgerQAError("the question is empty")
         started = time.perf_counter()

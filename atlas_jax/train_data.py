@@ -107,7 +107,7 @@ def load_examples(task_name: str, split: str, feature_lengths: dict[str, int],
     ids = [_as_text(i) if i is not None else f"{split}-{n}" for n, i in enumerate(fields["id"])]
     sources = [_as_text(p) if p is not None and _as_text(p) else None
                for p in fields["passage_id"]]
-    from atlas_jax_tasks.qa import strip_sentinels
+    from atlas_jax.vocabulary import strip_sentinels
     # Tasks without an `answers` feature (multiple choice: the option letter) are scored
     # against their target text.
     answers = [_as_texts(a) or ([strip_sentinels(_as_text(t))] if t is not None else [])

@@ -408,7 +408,7 @@ def evaluate(run: Run, params: dict, index: Any, examples: Examples, step: int,
     """Generation EM / F1 on `examples` (SQuAD normalisation), retrieval recall@k against
     `gold_ids` when the examples have them, answer recall@k (the answer string in a
     retrieved passage); writes predictions jsonl with the retrieved passage ids."""
-    from atlas_jax_tasks.qa import strip_sentinels
+    from atlas_jax.vocabulary import strip_sentinels
     config = run.config
     batch_size = config.eval_batch_size or config.batch_size
     generate = make_generate_fn(run, int(config.feature_lengths["targets"]))

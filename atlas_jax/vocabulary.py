@@ -10,6 +10,7 @@ import sentencepiece as spm
 
 from atlas_jax import fileio
 
+SENTINEL_0 = "<extra_id_0>"          # T5's first sentinel: answers are generated after it
 NUM_EXTRA_IDS = 100
 
 
@@ -47,3 +48,10 @@ def reader_vocab_size(processor: spm.SentencePieceProcessor, multiple: int = 128
 def sentinel_id(processor: spm.SentencePieceProcessor, n: int) -> int:
     """Id of `<extra_id_n>`: the n-th id counted down from the top of the sentinel block."""
     return processor.get_piece_size() + NUM_EXTRA_IDS - 1 - n
+
+
+def strip_sentinels(text: str) -> str:
+    """Model output "<extra_id_0> Paris <extra_id_1>" -> "Paris" (text up to the next
+    sentinel, as Atlas decodes answers)."""
+    text = text.replace(SENTINEL_0, "", 1) if text.lstrip().startswith(SENTINEL_0) else text
+    return text.split("<extra_id_")[0].strip()

@@ -21,10 +21,10 @@ import seqio
 import tensorflow as tf
 
 from atlas_jax import evaluation
+from atlas_jax.vocabulary import SENTINEL_0, strip_sentinels  # noqa: F401 (re-exported)
 from atlas_jax_tasks.features import add_task
 from atlas_jax_tasks.jsonl_source import STRING_LIST, JsonlDataSource, JsonlField, line_id
 
-SENTINEL_0 = "<extra_id_0>"
 
 QA_FIELDS = (
     JsonlField("id", required=False, default=line_id),
@@ -89,13 +89,6 @@ def qa_preprocessors(answer_seed: int = 0, random_answer: bool = True) -> list:
     return [functools.partial(format_qa, answer_seed=answer_seed, random_answer=random_answer),
             seqio.preprocessors.tokenize,
             seqio.preprocessors.append_eos_after_trim]
-
-
-def strip_sentinels(text: str) -> str:
-    """Model output "<extra_id_0> Paris <extra_id_1>" -> "Paris" (text up to the next
-    sentinel, as Atlas decodes answers)."""
-    text = text.replace(SENTINEL_0, "", 1) if text.lstrip().startswith(SENTINEL_0) else text
-    return text.split("<extra_id_")[0].strip()
 
 
 def _as_str(value: Any) -> str:
