@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA
+from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA, use_compilation_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,8 @@ def format_answer(out: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if Path(args.run_dir, "demo_args.json").is_file():
+            use_compilation_cache(args.run_dir)
         qa = LedgerQA.load(Path(args.run_dir), args.min_confidence)
         sync = qa.sync(args.ledger) if args.ledger else None
         out = qa.answer(args.question, args.k)

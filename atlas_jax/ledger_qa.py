@@ -29,6 +29,7 @@ import numpy as np
 
 STAGE = "finetune_joint"
 INDEX_FOLDER = "index_refreshed"
+COMPILATION_CACHE = "jax_cache"     # in the run folder: a later `ask` skips most compiling
 DEFAULT_MIN_CONFIDENCE = 0.5
 
 
@@ -93,6 +94,23 @@ def _restore(run_dir: Path):
     finally:
         ckpt.close()
     return run, state["params"]
+
+
+def use_compilation_cache(run_dir: str | Path) -> None:
+    """JAX's persistent compilation cache in `RUN/jax_cache` for this process, unless one is
+    configured already (`JAX_COMPILATION_CACHE_DIR`): a one-shot `ask` then reuses the
+    compiled functions of earlier calls. A process-wide setting: commands call it, the
+    library does not."""
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+        return
+    folder = Path(run_dir) / COMPILATION_CACHE
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:             # a read-only run folder: compile every time
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _dense_weight(run_dir: Path) -> float:
