@@ -216,16 +216,16 @@ def test_orbax_read_noise_is_dropped_and_nothing_else(monkeypatch, caplog):
 @pytest.fixture
 def demo_folder(trained_run, tmp_path, monkeypatch):
     """A folder laid out like `atlas-jax demo --out` for `ask`: the synthetic run as its
-    fine-tuned stage and that run's index as the refreshed one (demo.parse_gin is pointed at
-    the synthetic gin: the demo itself takes minutes)."""
-    from atlas_jax import demo, gin_config
+    fine-tuned stage and that run's index as the refreshed one (the demo's gin parsing is
+    pointed at the synthetic gin: the demo itself takes minutes)."""
+    from atlas_jax import demo_args, gin_config
     out = tmp_path / "demo"
     stage = out / "runs" / "finetune_joint"
     shutil.copytree(trained_run, stage)
     shutil.copytree(sorted((stage / "index").iterdir())[-1], out / "index_refreshed")
     (out / "demo_args.json").write_text(json.dumps(
         {"quick": True, "gin_files": [], "bindings": [], "search_paths": [], "extra": []}))
-    monkeypatch.setattr(demo, "parse_gin", lambda *args, **kwargs: gin_config.parse(
+    monkeypatch.setattr(demo_args, "parse_gin", lambda *args, **kwargs: gin_config.parse(
         ["runs/synthetic.gin"], bindings(stage, 4)))
     return out
 
