@@ -25,6 +25,21 @@ def _gin_cleared_between_test_files():
     gin.clear_config(clear_constants=True)
 
 
+# One transaction the demo ledger does not have (between two expense accounts, so no balance
+# assertion moves), appended by the tests of `ask`, `ledger sync`, `serve` and the Fava page.
+NEW_ENTRY = ('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
+             "  Expenses:Food:Restaurant  77.41 USD\n"
+             "  Expenses:Food:Groceries  -77.41 USD\n")
+
+
+def grown_ledger(source, target):
+    """`source` copied to `target` with NEW_ENTRY appended; returns `target`."""
+    from pathlib import Path
+    target = Path(target)
+    target.write_text(Path(source).read_text() + NEW_ENTRY)
+    return target
+
+
 def run_cli(*args, timeout=1500, cwd=None):
     """`python -m atlas_jax.cli ARGS` in a subprocess (from the repository unless `cwd`)."""
     import subprocess

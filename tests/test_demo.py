@@ -12,7 +12,7 @@ import gin
 import pytest
 
 from atlas_jax.demo import SYSTEMS
-from tests.conftest import run_cli
+from tests.conftest import grown_ledger, run_cli
 from tests.squad_reference import exact_match
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,12 +105,7 @@ def test_ask_answers_with_evidence_and_syncs_a_grown_ledger(demo_run, tmp_path):
     assert lost["low_confidence"] and "no ledger entry" in lost["why_low"][0]
 
     # The ledger grows by one entry: a sync embeds it (and nothing else) without retraining.
-    ledger = tmp_path / "ledger.beancount"
-    shutil.copy(out / "ledger" / "ledger.beancount", ledger)
-    with ledger.open("a") as f:
-        f.write('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
-                "  Expenses:Food:Restaurant  77.41 USD\n"
-                "  Expenses:Food:Groceries  -77.41 USD\n")
+    ledger = grown_ledger(out / "ledger" / "ledger.beancount", tmp_path / "ledger.beancount")
     before = qa.holder.version
     report = qa.sync(ledger)
     assert report["added"] == 1 and report["removed"] == 0 and qa.holder.version == before + 1
@@ -139,12 +134,7 @@ def test_ask_command_line(demo_run, tmp_path):
 
 def test_ledger_sync_command(demo_run, tmp_path):
     out, _ = demo_run
-    ledger = tmp_path / "books.beancount"
-    shutil.copy(out / "ledger" / "ledger.beancount", ledger)
-    with ledger.open("a") as f:
-        f.write('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
-                "  Expenses:Food:Restaurant  77.41 USD\n"
-                "  Expenses:Food:Groceries  -77.41 USD\n")
+    ledger = grown_ledger(out / "ledger" / "ledger.beancount", tmp_path / "books.beancount")
     result = _cli("ledger", "sync", "--run", str(out), "--ledger", str(ledger), "--json",
                   timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

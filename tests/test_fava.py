@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NEW_ENTRY
+
 pytest.importorskip("fava")
 QUESTION = "Who did I pay 77.41 USD on 30 Dec 2022?"
-ENTRY = ('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
-         "  Expenses:Food:Restaurant  77.41 USD\n"
-         "  Expenses:Food:Groceries  -77.41 USD\n")
 
 
 def _free_port():
@@ -38,7 +37,7 @@ def fava_app(demo_run, tmp_path_factory):
     ledger = tmp_path_factory.mktemp("fava") / "ledger.beancount"
     text = (out / "ledger" / "ledger.beancount").read_text()
     ledger.write_text(f'2000-01-01 custom "fava-extension" "atlas_jax.fava" '
-                      f'"{{\'run\': \'{out}\'}}"\n' + text + ENTRY)
+                      f'"{{\'run\': \'{out}\'}}"\n' + text + NEW_ENTRY)
     port = _free_port()
     fava = Path(sys.executable).parent / "fava"
     process = subprocess.Popen([str(fava), "--host", "127.0.0.1", "--port", str(port),

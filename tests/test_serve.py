@@ -10,10 +10,8 @@ import urllib.request
 import pytest
 
 from atlas_jax import serve
+from tests.conftest import NEW_ENTRY
 
-NEW_ENTRY = ('\n2022-12-30 * "Zyxwv Bakery" "Birthday cake"\n'
-             "  Expenses:Food:Restaurant  77.41 USD\n"
-             "  Expenses:Food:Groceries  -77.41 USD\n")
 QUESTION = "How much did I pay Zyxwv Bakery on 30 Dec 2022?"
 
 
