@@ -339,12 +339,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(service: LedgerService, host: str = "127.0.0.1", port: int = 0,
-                token: str | None = None) -> ThreadingHTTPServer:
-    """A threading HTTP server for `service` (port 0: any free port)."""
+def check_host(host: str, token: str | None) -> None:
+    """Refuses an address other machines can reach unless requests must carry a token."""
     if not is_loopback(host) and not token:
         raise ValueError(f"--host {host} is reachable from other machines: set --token (or "
                          "ATLAS_JAX_TOKEN) so that requests must carry it")
+
+
+def make_server(service: LedgerService, host: str = "127.0.0.1", port: int = 0,
+                token: str | None = None) -> ThreadingHTTPServer:
+    """A threading HTTP server for `service` (port 0: any free port)."""
+    check_host(host, token)
     server = ThreadingHTTPServer((host, port), make_handler(service, token))
     server.daemon_threads = True
     return server
@@ -369,8 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA
     try:
-        if not is_loopback(args.host) and not args.token:
-            make_server(None, args.host, 0, None)            # raises the explanation
+        check_host(args.host, args.token)          # before minutes of loading
         qa = LedgerQA.load(args.run_dir, args.min_confidence or DEFAULT_MIN_CONFIDENCE)
         service = LedgerService(qa, args.ledger, args.poll)
         report = service.sync()
