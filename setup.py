@@ -21,8 +21,9 @@ setup(
               "atlas_jax.gin"],
     package_dir={"atlas_jax": "atlas_jax", "atlas_jax_tasks": "tasks", "atlas_jax.gin": "gin"},
     package_data={"atlas_jax.gin": [f"{d}/*.gin" if d != "." else "*.gin" for d in GIN_DIRS],
-                  # the pre-trained reader shipped with the package (`make reader`)
-                  "atlas_jax": ["readers/*/*"],
+                  # the pre-trained reader and retriever shipped with the package
+                  # (`make reader`, `make retriever`)
+                  "atlas_jax": ["readers/*/*", "retrievers/*/*", "retrievers/*/*/*"],
                   "atlas_jax.fava": ["templates/*.html"]},
     install_requires=[
         "jax",

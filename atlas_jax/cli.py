@@ -19,6 +19,8 @@ COMMANDS = {
     "ledger": ("atlas_jax.ledger_commands", "sync a demo run's index with a Beancount ledger"),
     "reader": ("atlas_jax.reader_commands", "pre-train the shipped reader (unsupervised, on "
                "generated ledgers) and export it"),
+    "retriever": ("atlas_jax.retriever_commands", "pre-train the shipped ledger retriever "
+                  "(unsupervised, on generated ledgers) and export it"),
     "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
     "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
     "train": ("atlas_jax.train_commands", "joint retriever-reader training (t5x-style gin flags)"),

@@ -43,16 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- retriever out
 
-def save_retriever(retriever, folder: Path, tower: str = "query") -> Path:
+def save_retriever(retriever, folder: Path, tower: str = "query", dtype=np.float32) -> Path:
     """A BertModel folder (config.json, model.safetensors, tokenizer.json when known) with the
-    sentence-transformers files that record pooling, normalisation and max length."""
+    sentence-transformers files that record pooling, normalisation and max length; the
+    tensors stored as `dtype` (float16 halves a shipped retriever; loading reads float32)."""
     from safetensors.numpy import save as save_bytes
 
     from atlas_jax import fileio
     from atlas_jax.formats import hf
     config = retriever.config
     flat = hf.tower_arrays(retriever.params, tower)
-    tensors = {theirs: np.ascontiguousarray(transform(flat[ours]))   # transforms self-inverse
+    tensors = {theirs: np.ascontiguousarray(transform(flat[ours]), dtype)  # self-inverse
                for ours, (theirs, transform) in hf.bert_hf_mapping(config, "").items()}
     folder.mkdir(parents=True, exist_ok=True)
     bert_config = {

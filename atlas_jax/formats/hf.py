@@ -29,15 +29,17 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- files
 
 def resolve_path(path: str | Path) -> Path:
-    """A folder path, or `package:NAME`: a reader shipped with atlas-jax
-    (`atlas_jax/readers/NAME`, e.g. `package:ledger_t5`), else a checkpoint shipped inside
+    """A folder path, or `package:NAME`: a reader or retriever shipped with atlas-jax
+    (`atlas_jax/readers/NAME`, `atlas_jax/retrievers/NAME`, e.g. `package:ledger_t5`,
+    `package:ledger_minilm`), else a checkpoint shipped inside
     a Python package (its folder, or its `model/` subfolder when that holds the config)."""
     text = str(path)
     if text.startswith("package:"):
         name = text[len("package:"):]
-        shipped = Path(__file__).parents[1] / "readers" / name   # the package's own readers
-        if (shipped / "config.json").is_file():
-            return shipped
+        for kind in ("readers", "retrievers"):     # the package's own readers, retrievers
+            shipped = Path(__file__).parents[1] / kind / name
+            if (shipped / "config.json").is_file():
+                return shipped
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
@@ -437,7 +439,9 @@ def t5_hf_config(config) -> dict:
 
 
 def tower_arrays(params: dict, tower: str = "query") -> dict[str, np.ndarray]:
-    """{'layers_0/...': float32 array} of one retriever tower (the shared one when tied)."""
+    """{'layers_0/...': float32 array} of one retriever tower (the shared one when tied);
+    `params` may still carry its logical-axis boxes (straight from `model.init`)."""
+    params = flax.linen.meta.unbox(params)
     tree = params["encoder"] if "encoder" in params else params[f"{tower}_encoder"]
     return {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
             jax.tree_util.tree_flatten_with_path(tree)[0]}
