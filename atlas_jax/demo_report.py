@@ -8,7 +8,7 @@ from atlas_jax import fileio
 
 SYSTEM_NOTES = {
     "closed_book": "reader alone, no retrieval",
-    "frozen_retriever": "retriever frozen at MiniLM (pre-trained + fine-tuned reader)",
+    "frozen_retriever": "shipped retriever frozen (pre-trained + fine-tuned reader)",
     "no_pretraining": "reader + query tower fine-tuned on 64 questions only",
     "joint": "jointly pre-trained and fine-tuned; dense retrieval",
     "joint_hybrid": "same model; BM25 + dense, filters parsed from the question",
@@ -30,6 +30,11 @@ def table(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(s['em'])} | {_fmt(s['f1'])} | "
                      + " | ".join(_fmt(recall.get(k)) for k in ("1", "5", "20")) + " | "
                      + " | ".join(_fmt(s["em_by_kind"].get(k)) for k in kinds) + " |")
+    for name, baseline in report.get("baseline_retrievers", {}).items():
+        recall = baseline["recall_at_k"]
+        lines.append(f"| {name} as shipped (retrieval only) | - | - | "
+                     + " | ".join(_fmt(recall.get(k)) for k in ("1", "5", "20")) + " | "
+                     + " | ".join("-" for _ in kinds) + " |")
     swap = report["hot_swap"]
     lines += ["", f"hot swap ({swap['system']}, `new` questions about "
               f"{swap['new_passages']} entries after the cutoff): stale index EM "
@@ -94,6 +99,8 @@ def plot(out: Path, report: dict, metrics_paths: dict[str, Path],
     fig, ax = plt.subplots(figsize=(7, 4))
     ks = ["1", "5", "20"]
     with_recall = {n: s["recall_at_k"] for n, s in report["systems"].items() if s["recall_at_k"]}
+    with_recall.update({f"{n.split(':')[-1]} as shipped": b["recall_at_k"]
+                        for n, b in report.get("baseline_retrievers", {}).items()})
     width = 0.8 / max(len(with_recall), 1)
     for i, (name, recall) in enumerate(with_recall.items()):
         ax.bar([j + i * width for j in range(len(ks))], [recall.get(k, 0) for k in ks], width,

