@@ -167,8 +167,19 @@ def test_one_step_gives_the_same_loss_and_update_under_each_choice(steps):
         np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4)
         np.testing.assert_allclose(float(metrics["grad_norm"]),
                                    float(reference[5]["grad_norm"]), rtol=1e-4)
+        compared = 0
         for key, value in _flat(after).items():
+            if key.endswith("['attention']['key']['bias']"):
+                # Softmax is shift-invariant per query, so q.b_k adds the same score to every
+                # key: this gradient is exactly zero in exact arithmetic, and AdamW turns its
+                # float32 rounding noise (a different noise under each sharding) into a step
+                # of up to the learning rate in either direction (CI, 2026-12-04: +7.0e-7 vs
+                # -3.7e-7). Only its size is comparable.
+                assert np.abs(value - start[key]).max() <= 4.1e-5  # AdamW: |step| <= lr
+                continue
+            compared += 1
             np.testing.assert_allclose(value, moved[key], atol=1e-6, err_msg=f"{choice} {key}")
+        assert compared > 20
 
 
 def test_rule_names_and_errors():
