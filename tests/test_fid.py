@@ -101,6 +101,31 @@ def test_cross_attention_passage_scores(model_and_params):
         fid.cross_attention_passage_scores({}, 3)
 
 
+def test_adist_counts_a_copy_heads_pointer_as_one_more_layer():
+    """With `copy_head`, the pointer (copy probability x pointer distribution) is sown too and
+    joins the ADist masses as one more layer, scaled to the layers' mean mass per example;
+    a padded passage still gets nothing."""
+    import dataclasses
+    model, params = init_fid(dataclasses.replace(CONFIG, copy_head=True))
+    ids = _passages(seed=5)
+    ids[:, 2] = 0                                     # passage 2 all padding
+    decoder_ids = np.random.default_rng(6).integers(1, 64, (2, 4)).astype(np.int32)
+    target_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)
+    logits, state = model.apply({"params": params}, ids, decoder_ids, mutable=["intermediates"])
+    inter = state["intermediates"]
+    pointer = np.asarray(inter["decoder"]["copy_head"]["copy_pointer_scores"][0], np.float64)
+    log_p = np.asarray(logits, np.float64)
+    assert pointer.shape == (2, 4, 30) and np.all(pointer.sum(-1) < 1 + 1e-5)
+    np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, rtol=1e-5)  # normalised output
+    layers_only = {"decoder": {k: v for k, v in inter["decoder"].items() if k != "copy_head"}}
+    masses = np.asarray(fid.cross_attention_passage_scores(layers_only, 3, target_mask))
+    copied = (pointer * target_mask[..., None]).sum(1).reshape(2, 3, 10).sum(-1)
+    expected = masses + copied / copied.sum(-1, keepdims=True) * masses.sum(-1, keepdims=True) / 2
+    got = np.asarray(fid.cross_attention_passage_scores(inter, 3, target_mask))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.all(got[:, 2] == 0) and np.all(got[:, :2] > masses[:, :2])
+
+
 def test_cross_attention_passage_scores_equal_an_independent_computation(model_and_params):
     """The ADist masses against a float64 numpy re-computation from the attention inputs
     (tests/adist_reference.py): probability x |value|, over heads, layers, target tokens."""

@@ -57,4 +57,5 @@ def test_synthetic_file():
     config = trainer.TrainConfig()
     assert config.task == "synthetic_qa" and config.train_steps == 300
     assert config.passages_file == "/tmp/run/synthetic_data/passages.jsonl"
-    assert passage_index.IndexConfig().refresh_schedule == "50"
+    assert passage_index.IndexConfig().refresh_schedule == "10"
+    assert config.n_context == config.retriever_n_context == 20  # ADist reads what it scores

@@ -148,3 +148,46 @@ def test_synthetic_qa_task_features(tmp_path):
         synthetic.register_synthetic_tasks(str(folder), seed=1)
     with pytest.raises(FileNotFoundError, match="synthetic.json"):
         synthetic.register_synthetic_tasks(str(tmp_path / "none"), generate=False)
+
+
+def test_warm_reader_worlds_never_ask_a_question_and_need_both_names(folder, corpus):
+    """The warm-up's own examples (tasks/synthetic_reader.py): the asked cell is one no
+    question asks, its value is random (so no answer leaks), it is stated by exactly one of
+    the example's passages, and hard others share its entity or its attribute, easy ones
+    neither."""
+    import random
+
+    from atlas_jax_tasks import synthetic_reader
+    from atlas_jax_tasks.vocab import reader_vocabulary
+    synthetic.train_synthetic_spiece(folder)
+    vocabulary = reader_vocabulary(str(folder / "spiece.model"))
+    worlds = synthetic_reader.Worlds.from_folder(folder, vocabulary, 40, 8)
+    passages, questions = corpus
+    asked = {(p["metadata"]["entity"], p["metadata"]["attribute"]) for p in passages
+             if p["id"] in {g for q in questions for g in q["gold_ids"]}}
+    assert worlds.asked and not set(worlds.asked) & asked
+    rng = random.Random(1)
+    for hard in (False, True):
+        inputs, targets = worlds.batch(rng, 64, 4, hard)
+        assert inputs.shape == (64, 5, 40) and targets.shape == (64, 8)
+        for passages_ids, target in zip(inputs, targets):
+            texts = [vocabulary.decode([int(i) for i in row if i > 1]) for row in passages_ids]
+            value = vocabulary.decode([int(i) for i in target if i > 1]).replace(
+                "<extra_id_0>", "").strip()
+            question = re.search(r"question: (.*?) answer:", texts[0]).group(1)
+            entity, attribute = next((e, a) for e, a in worlds.asked
+                                     if re.search(rf"\b{e}\b", question)
+                                     and re.search(rf"\b{a}\b", question))
+            bodies = [t[t.index("title: "):] for t in texts]  # the passage, not the question
+            stating = [b for b in bodies if b.endswith(f" {value}.")]
+            assert len(stating) == 1, (value, texts)
+            assert stating[0].startswith(f"title: {entity} ") and f" {attribute} of" in stating[0]
+            for body in bodies:
+                if body is not stating[0]:
+                    shares = body.startswith(f"title: {entity} ") + (f" {attribute} of" in body)
+                    assert shares == (1 if hard else 0), (hard, question, body)
+    assert synthetic_reader.curriculum(0, rng, 5, 10, 10) == (0, False)
+    assert synthetic_reader.curriculum(15, rng, 5, 10, 10) == (1, False)
+    later = {synthetic_reader.curriculum(25, rng, 5, 10, 10) for _ in range(200)}
+    assert {k for k, _ in later} == {1, 2, 3, 4} and {h for _, h in later} == {False, True}
+    assert synthetic_reader.curriculum(25, rng, 1, 10, 10) == (0, False)

@@ -44,7 +44,13 @@ def cross_attention_passage_scores(intermediates: Any, n_passages: int,
 
     Call the model with `mutable=['intermediates']`; every decoder layer sows
     (batch, target_length, n_passages*length) = attention probability x |value| summed over
-    heads. This sums them over layers, unmasked target tokens and each passage's tokens.
+    heads. This sums them over layers, unmasked target tokens and each passage's tokens
+    (Atlas's ADist). A reader with a copy head (`t5.T5Config.copy_head`) also sows its
+    pointer (copy probability x pointer distribution): the attention that decides which
+    passage's tokens are copied into the answer. It counts as one more layer: its shares of
+    the passages, times the layers' mean mass per example (docs/training.md: without it,
+    ADist did not learn on the synthetic task, where a copying reader's cross-attention
+    layers give the gold passage a 0.27 share among 5 and its pointer 0.72).
 
     Args:
       intermediates: the 'intermediates' collection returned by `apply`.
@@ -53,13 +59,25 @@ def cross_attention_passage_scores(intermediates: Any, n_passages: int,
     Returns:
       (batch, n_passages) float32.
     """
-    sown = [leaf for leaf in jax.tree.leaves(intermediates)]
-    if not sown:
+    named = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+    is_pointer = ["copy_pointer_scores" in jax.tree_util.keystr(path) for path, _ in named]
+    layers = [leaf for (_, leaf), p in zip(named, is_pointer) if not p]
+    pointers = [leaf for (_, leaf), p in zip(named, is_pointer) if p]
+    if not layers:
         raise ValueError("no cross-attention scores found: call the model with "
                          "mutable=['intermediates']")
-    total = sum(sown)  # (batch, target_length, K*L)
-    if target_mask is not None:
-        total = total * target_mask[..., None].astype(total.dtype)
-    batch, _, source_length = total.shape
-    per_passage = total.sum(axis=1).reshape(batch, n_passages, source_length // n_passages)
-    return per_passage.sum(axis=-1).astype(jnp.float32)
+
+    def per_passage(total: jax.Array) -> jax.Array:
+        if target_mask is not None:
+            total = total * target_mask[..., None].astype(total.dtype)
+        batch, _, source_length = total.shape
+        return total.sum(axis=1).reshape(batch, n_passages, source_length // n_passages
+                                         ).sum(axis=-1).astype(jnp.float32)
+
+    scores = per_passage(sum(layers))  # (batch, K)
+    if pointers:
+        pointer = per_passage(sum(pointers))
+        layer_mean = scores.sum(-1, keepdims=True) / len(layers)
+        scores = scores + pointer * layer_mean / jnp.maximum(
+            pointer.sum(-1, keepdims=True), 1e-9)
+    return scores

@@ -269,6 +269,10 @@ class CopyHead(nn.Module):
                         .at[:, ids].add(a))(pointer, encoder_ids)
         gate = layers.Dense(1, ("embed", "kv"), dtype=cfg.compute_dtype, name="gate")(x)
         gate = gate.astype(jnp.float32)
+        if self.is_mutable_collection("intermediates"):
+            # ADist: the share of each output token's probability copied from each source
+            # token (copy probability x pointer) -> (batch, length, source).
+            self.sow("intermediates", "copy_pointer_scores", jax.nn.sigmoid(-gate) * pointer)
         return jnp.logaddexp(jax.nn.log_sigmoid(gate) + jax.nn.log_softmax(logits, axis=-1),
                              jax.nn.log_sigmoid(-gate) + jnp.log(jnp.maximum(copy, 1e-30)))
 
