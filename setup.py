@@ -52,5 +52,5 @@ setup(
         # multi-GB CUDA build. transformers is the parity reference for the models.
         "dev": ["pytest", "torch==2.13.0", "transformers", "faiss-cpu"],
     },
-    entry_points={"console_scripts": ["atlas-jax=atlas_jax.cli:main"]},
+    entry_points={"console_scripts": ["atlas-jax=atlas_jax.cli:entry"]},
 )

@@ -256,7 +256,9 @@ _NOISE_FILTERED = False
 class _OrbaxReadNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not ("never retrieved" in text and "orbax" in text)
+        error = record.exc_info[1] if record.exc_info else None
+        return not (("never retrieved" in text and "orbax" in text)
+                    or (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"))
 
 
 def _silence_failed_read_noise() -> None:

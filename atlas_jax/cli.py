@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # name -> (module with add_arguments(parser) setting `run`, one-line help)
@@ -49,5 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def entry() -> None:
+    """The `atlas-jax` console script: `main`, then exit with its code. A command that failed
+    after a checkpoint read failed ends without interpreter finalisation (`os._exit`, after
+    flushing): orbax's abandoned TensorStore reads finish into a closed event loop on other
+    threads, and during finalisation their "Event loop is closed" tracebacks bypass the
+    hooks that drop them (`checkpoints._silence_failed_read_noise`), landing after the
+    one-line error. A failed command has nothing left to write."""
+    code = main()
+    checkpoints = sys.modules.get("atlas_jax.checkpoints")
+    if code and getattr(checkpoints, "_NOISE_FILTERED", False):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

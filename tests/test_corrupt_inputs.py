@@ -209,6 +209,39 @@ def test_orbax_read_noise_is_dropped_and_nothing_else(monkeypatch, caplog):
                 "Task exception was never retrieved\nfuture: <Task finished coro=<%s>>",
                 coroutine)
     assert [r.getMessage().rsplit("<", 1)[1] for r in caplog.records] == ["mine()>>"]
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for error in (RuntimeError("Event loop is closed"), RuntimeError("a real failure")):
+            try:
+                raise error
+            except RuntimeError:
+                logging.getLogger("asyncio").exception("Exception in callback read()")
+    assert [r.exc_info[1].args[0] for r in caplog.records] == ["a real failure"]
+
+
+def test_a_failed_read_ends_the_command_before_late_noise():
+    """The console script (`cli.entry`): once a checkpoint read has failed, the process ends
+    right after the command's error, so output from threads still running (orbax's abandoned
+    reads) cannot follow the error line; without a failed read it exits normally."""
+    script = """if True:
+        import sys, threading, time
+        from atlas_jax import checkpoints, cli
+        checkpoints._NOISE_FILTERED = {failed}
+        def command():
+            late = lambda: (time.sleep(1), print("late noise", file=sys.stderr))
+            threading.Thread(target=late).start()
+            print("atlas-jax: the error", file=sys.stderr)
+            return 2
+        cli.main = command
+        cli.entry()
+    """
+    for failed in (True, False):
+        done = subprocess.run([sys.executable, "-c", script.format(failed=failed)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.splitlines()
+        assert lines[0] == "atlas-jax: the error"
+        assert ("late noise" in lines) is not failed, (failed, lines)
 
 
 # ----------------------------------------------------------------------------- ask
