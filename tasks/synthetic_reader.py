@@ -134,10 +134,10 @@ def _folder_key(synthetic_dir: str | Path) -> str:
 
 
 def _teacher_forced(model):
+    from atlas_jax.models import t5
+
     def logits(params, passage_ids, target_ids):
-        decoder_input = jnp.concatenate(
-            [jnp.zeros_like(target_ids[:, :1]), target_ids[:, :-1]], axis=1)
-        return model.apply({"params": params}, passage_ids, decoder_input)
+        return model.apply({"params": params}, passage_ids, t5.shift_right(target_ids))
     return logits
 
 
