@@ -136,7 +136,10 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
                  "never_used": "QA templates, questions or answers of any split"},
         "objectives": {name: text for name, text in {
             "read": "multi-passage reading: one field of an entry named, two others as cues, "
-                    f"the entry among {config.n_passages - 1} distractors",
+                    f"the entry among {config.n_passages - 1} distractors"
+                    + (" (easy ones first: another day and payee; then hard: the same day, "
+                       "nearby days, the same payee)"
+                       if config.easy_steps or config.easy_fraction else ""),
             "salient": "salient-span masking of an entry field (REALM), among the same "
                        "distractors",
             "span": "T5 span corruption of an entry (density 0.15, mean span 3)",
@@ -149,16 +152,7 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "mixture": {"read_fraction": config.read_fraction,
                     "span_fraction": config.span_fraction,
                     "copy_fraction": config.copy_fraction, "lm_weight": config.lm_weight},
-        "training": {"steps": int(meta.get("step", 0)), "wall_s": round(meta.get("wall_s",
-                                                                               0.0), 1),
-                     "batch_size": config.batch_size, "n_passages": config.n_passages,
-                     "lm_batch_size": config.lm_batch_size,
-                     "learning_rate": config.learning_rate,
-                     "schedule": f"warmup {config.warmup_steps}, cosine to "
-                                 f"{config.end_learning_rate_fraction} x",
-                     "seed": config.seed,
-                     "final_loss": losses[-1]["loss"] if losses else None,
-                     "hardware": "2 CPU cores"},
+        "training": training_summary(config, meta, losses),
         "heldout_copy_accuracy": ({k.split("/", 1)[1]: v for k, v in heldout[-1].items()
                                    if k.startswith("heldout/")} if heldout else {}),
         "heldout_copy_accuracy_alone": ({k.split("/", 1)[1]: v for k, v in
@@ -168,6 +162,42 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "files": {name: sha256(folder / name) for name in ("model.safetensors",
                                                              "spiece.model", "config.json")},
     }
+
+
+def _stage(config, meta: dict, losses: list[dict]) -> dict:
+    """One pre-training run's steps, wall time, batch, schedule and curriculum."""
+    return {"steps": int(meta.get("step", 0)), "wall_s": round(meta.get("wall_s", 0.0), 1),
+            "batch_size": config.batch_size, "n_passages": config.n_passages,
+            "lm_batch_size": config.lm_batch_size, "learning_rate": config.learning_rate,
+            "schedule": f"warmup {config.warmup_steps}, cosine to "
+                        f"{config.end_learning_rate_fraction} x",
+            "curriculum": {"alone_steps": config.alone_steps, "ramp_steps": config.ramp_steps,
+                           "full_fraction": config.full_fraction,
+                           "easy_steps": config.easy_steps,
+                           "easy_fraction": config.easy_fraction},
+            "copy_fraction": config.copy_fraction,
+            "seed": config.seed, "final_loss": losses[-1]["loss"] if losses else None,
+            "hardware": "2 CPU cores"}
+
+
+def training_summary(config, meta: dict, losses: list[dict]) -> dict:
+    """The card's `training`: this run, after the stages of the reader it started from
+    (`init_from`: its card's stages), with the steps and wall time of all of them."""
+    this = _stage(config, meta, losses)
+    stages = []
+    if getattr(config, "init_from", None):
+        from atlas_jax import weights
+        folder = weights.resolve_path(config.init_from)
+        try:
+            before = json.loads((folder / CARD).read_text(encoding="utf-8"))["training"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder / CARD}: the card of init_from={config.init_from!r} "
+                             f"is unreadable ({type(e).__name__}: {e})") from None
+        stages = [dict(s) for s in before.get("stages", [])] or [
+            {k: v for k, v in before.items() if k != "stages"}]
+    stages.append(dict(this))
+    return {**this, "steps": sum(s["steps"] for s in stages),
+            "wall_s": round(sum(s["wall_s"] for s in stages), 1), "stages": stages}
 
 
 def card_markdown(card: dict) -> str:
@@ -182,15 +212,20 @@ def card_markdown(card: dict) -> str:
             f"({card['config']['num_layers']}+{card['config']['num_decoder_layers']} layers, "
             f"{card['config']['d_model']} wide); SentencePiece vocabulary of "
             f"{card['vocabulary']['size_with_sentinels']} ids (100 of them sentinels)."
-            f"\n\nPre-trained by `make reader` (`atlas-jax reader pretrain "
-            f"--gin_file=runs/reader_pretrain.gin`) for {t['steps']} steps "
-            f"({t['wall_s'] / 60:.0f} min on {t['hardware']}), unsupervised only, on "
+            f"\n\nPre-trained by `make reader` for {t['steps']} steps "
+            f"({t['wall_s'] / 60:.0f} min on {t['hardware']}"
+            + ("" if len(t.get("stages", [])) < 2 else "; " + ", ".join(
+                f"stage {i}: {s['steps']} steps, {s['wall_s'] / 60:.0f} min"
+                for i, s in enumerate(t["stages"], 1)))
+            + f"), unsupervised only, on "
             f"Beancount ledgers generated with {ledgers}. Never trained on a QA template, "
             f"question or answer.\n\nObjectives: "
             + "; ".join(f"**{k}**: {v}" for k, v in card["objectives"].items())
             + f".\n\nHeld-out copy accuracy (exact match, ledger seed "
             f"{card['data']['heldout_ledger']['seed']}, step "
-            f"{card['heldout_copy_accuracy_step']}; `read/` probes name a field, `salient/` "
+            f"{card['heldout_copy_accuracy_step']}"
+            + (f" of stage {len(t['stages'])}" if len(t.get("stages", [])) > 1 else "")
+            + "; `read/` probes name a field, `salient/` "
             f"mask it; the entry among {t['n_passages'] - 1} distractors, or alone):"
             f"\n\n| field | among distractors | alone |\n| --- | --- | --- |\n{rows}\n\n"
             f"`:novel`: the examples whose answer no training example has (an amount the "

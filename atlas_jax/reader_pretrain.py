@@ -62,6 +62,12 @@ class ReaderPretrainConfig:
     alone_steps: int = 0                      # curriculum (reader_batches.BatchSizes)
     ramp_steps: int = 0
     full_fraction: float = 1.0
+    easy_steps: int = 0                       # easy distractors (reader_batches.BatchSizes)
+    easy_fraction: float = 0.0
+    # A reader folder (or `package:NAME`) whose weights and spiece.model start this run,
+    # with a fresh AdamW state and schedule: a further stage of pre-training
+    # (runs/reader_read.gin continues the stage-1 reader of runs/reader_pretrain.gin).
+    init_from: str | None = None
     max_question_tokens: int = 72             # longer masked entries are left out
     checkpoint_every: int = 250
     max_to_keep: int = 2
@@ -83,7 +89,7 @@ class ReaderPretrainConfig:
                           self.target_length, self.lm_batch_size, self.lm_input_length,
                           self.lm_target_length, self.read_fraction, self.span_fraction,
                           self.copy_fraction, self.alone_steps, self.ramp_steps,
-                          self.full_fraction)
+                          self.full_fraction, self.easy_steps, self.easy_fraction)
 
 
 # ----------------------------------------------------------------------------- data
@@ -102,6 +108,8 @@ def prepare_corpus(config: ReaderPretrainConfig):
     heldout = reader_corpus.generate_ledgers(folder, (heldout_spec,))
     records = [reader_corpus.read_passages(path) for _, path in ledgers]
     spm = folder / "spiece.model"
+    if config.init_from:
+        _copy_init_vocabulary(config.init_from, spm)
     if not spm.is_file():
         # The entries, plus one round of probe texts (the date and amount surface forms).
         rng = random.Random(config.seed)
@@ -125,6 +133,45 @@ def prepare_corpus(config: ReaderPretrainConfig):
                "examples": {k: len(p) for k, p in train.pools.items()},
                "spm_pieces": vocabulary.vocab_size}
     return vocabulary, train, held, summary
+
+
+def _copy_init_vocabulary(init_from: str, spm: Path) -> None:
+    """The `init_from` reader's spiece.model as the run's (its weights index it)."""
+    from atlas_jax import weights
+    source = weights.resolve_path(init_from) / "spiece.model"
+    if not source.is_file():
+        raise ValueError(f"{source}: init_from={init_from!r} has no spiece.model")
+    data = source.read_bytes()
+    if spm.is_file():
+        if spm.read_bytes() != data:
+            raise ValueError(f"{spm}: differs from {source} (the run began from another "
+                             "reader; use a new MODEL_DIR)")
+        return
+    spm.parent.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_bytes(spm, data)
+
+
+def initial_params(model, config: "ReaderPretrainConfig"):
+    """Random parameters of `model`, or the `init_from` reader's (same tree and shapes)."""
+    params = init_params(model, config.seed)
+    if not config.init_from:
+        return params
+    from atlas_jax import weights
+    loaded = weights.load_reader(config.init_from).params
+    flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    theirs = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    for path, leaf in flat.items():
+        other = theirs.get(path)
+        if other is None or np.shape(other) != np.shape(leaf):
+            raise ValueError(f"init_from={config.init_from!r}: parameter "
+                             f"{jax.tree_util.keystr(path)} is "
+                             f"{None if other is None else np.shape(other)}, the model "
+                             f"needs {np.shape(leaf)}")
+    if set(theirs) != set(flat):
+        extra = sorted(jax.tree_util.keystr(p) for p in set(theirs) - set(flat))
+        raise ValueError(f"init_from={config.init_from!r}: parameters the model does not "
+                         f"have: {extra[:3]}")
+    return jax.tree.map(lambda _, x: jnp.asarray(x, jnp.float32), params, loaded)
 
 
 def padded_vocab_size(vocabulary) -> int:
@@ -246,7 +293,7 @@ def train(config: ReaderPretrainConfig) -> dict:
     fileio.atomic_write_json(config.run_dir / "corpus" / "summary.json", summary)
     model_config, model = make_model(vocabulary)
     optimizer = make_optimizer(config)
-    params = init_params(model, config.seed)
+    params = initial_params(model, config)
     opt_state = optimizer.init(params)
     manager = checkpoints.Checkpoints(config.run_dir / "checkpoints", config.max_to_keep)
     log = checkpoints.MetricsLog(config.run_dir, tensorboard=False)

@@ -47,6 +47,11 @@ class BatchSizes:
     alone_steps: int = 0
     ramp_steps: int = 0
     full_fraction: float = 1.0
+    # Easy distractors (another day and payee: `Distractors.sample(easy=True)`): every
+    # example's until `easy_steps` (after `alone_steps`), then a share `easy_fraction`. The
+    # synthetic reader learnt to select only through such a stage (docs/reader.md).
+    easy_steps: int = 0
+    easy_fraction: float = 0.0
 
     def distractors(self, step: int, rng: random.Random) -> int:
         """The number of distractors of one reading example at `step`."""
@@ -56,6 +61,15 @@ class BatchSizes:
         if rng.random() < self.full_fraction * progress:
             return self.n_passages - 1
         return rng.randrange(self.n_passages)
+
+    def easy(self, step: int, rng: random.Random) -> bool:
+        """Whether one reading example at `step` draws easy distractors (no random draw
+        when `easy_steps` and `easy_fraction` are 0: older runs read the same batches)."""
+        if step < self.alone_steps:
+            return False
+        if step < self.alone_steps + self.easy_steps:
+            return True
+        return self.easy_fraction > 0 and rng.random() < self.easy_fraction
 
 
 @dataclasses.dataclass
@@ -126,13 +140,14 @@ class TokenizedCorpus:
         return np.concatenate([self.question_head, question, self.prompt_tail])
 
     def reading_row(self, pool: Pool, index: int, n_passages: int, length: int,
-                    rng: random.Random, distractors: int | None = None
+                    rng: random.Random, distractors: int | None = None, easy: bool = False
                     ) -> tuple[np.ndarray, int]:
         """(K, L) reader inputs of one example and the source's position: the source among
-        `distractors` others (default n_passages - 1); the rows past them stay empty."""
+        `distractors` others (default n_passages - 1; hard ones, or `easy` ones); the rows
+        past them stay empty."""
         ledger, source = int(pool.ledger[index]), int(pool.source[index])
         count = n_passages - 1 if distractors is None else distractors
-        others = self.distractors[ledger].sample(source, count, rng) if count else []
+        others = self.distractors[ledger].sample(source, count, rng, easy) if count else []
         position = rng.randrange(len(others) + 1)
         rows = others[:position] + [source] + others[position:]
         prompt = self.prompt(pool.questions[index])
@@ -211,9 +226,10 @@ class TokenizedCorpus:
         for b in range(sizes.batch_size):
             pool = self.pools["read" if rng.random() < sizes.read_fraction else "salient"]
             index = rng.randrange(len(pool))
+            count = sizes.distractors(step, rng)
             inputs[b], _ = self.reading_row(pool, index, sizes.n_passages,
-                                            sizes.input_length, rng,
-                                            sizes.distractors(step, rng))
+                                            sizes.input_length, rng, count,
+                                            bool(count) and sizes.easy(step, rng))
             targets[b] = self.target(pool.answers[index], sizes.target_length)
         lm_inputs = np.zeros((sizes.lm_batch_size, 1, sizes.lm_input_length), np.int32)
         lm_targets = np.zeros((sizes.lm_batch_size, sizes.lm_target_length), np.int32)

@@ -187,8 +187,9 @@ def reading_examples(records: Sequence[dict], rng: random.Random, kind: str
 
 
 class Distractors:
-    """Hard distractors for an entry of one ledger: the same day, days nearby, the same
-    payee, then any entry."""
+    """Distractors for an entry of one ledger. Hard: the same day, days nearby, the same
+    payee, then any entry. Easy: entries of another day (a week or more away) and another
+    payee, which the probe's date or cue alone tells apart."""
 
     def __init__(self, records: Sequence[dict]):
         self.days = [_date(r).toordinal() for r in records]
@@ -202,8 +203,10 @@ class Distractors:
         self.payees = [r["metadata"].get("payee") or "" for r in records]
         self.count = len(records)
 
-    def sample(self, row: int, k: int, rng: random.Random) -> list[int]:
-        """`k` distinct rows other than `row`."""
+    def sample(self, row: int, k: int, rng: random.Random, easy: bool = False) -> list[int]:
+        """`k` distinct rows other than `row` (hard ones, or `easy` ones)."""
+        if easy:
+            return self._easy(row, k, rng)
         chosen: list[int] = []
         pools = [self.by_day.get(self.days[row], []),
                  [r for d in range(-6, 7) if d for r in self.by_day.get(self.days[row] + d, [])],
@@ -218,5 +221,16 @@ class Distractors:
         while len(chosen) < k and len(chosen) < self.count - 1:
             r = rng.randrange(self.count)
             if r != row and r not in chosen:
+                chosen.append(r)
+        return chosen
+
+    def _easy(self, row: int, k: int, rng: random.Random) -> list[int]:
+        chosen: list[int] = []
+        for _ in range(50 * max(k, 1)):
+            if len(chosen) >= k or len(chosen) >= self.count - 1:
+                break
+            r = rng.randrange(self.count)
+            if (r != row and r not in chosen and abs(self.days[r] - self.days[row]) >= 7
+                    and (not self.payees[row] or self.payees[r] != self.payees[row])):
                 chosen.append(r)
         return chosen

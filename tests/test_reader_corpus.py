@@ -62,6 +62,20 @@ def test_distractors_are_other_entries_and_hard(corpus):
     assert same_day > 0
 
 
+def test_easy_distractors_are_another_day_and_payee(corpus):
+    records, _, _ = corpus
+    table = reader_corpus.Distractors(records)
+    rng = random.Random(0)
+    day = lambda r: reader_corpus._date(records[r]).toordinal()  # noqa: E731
+    for row in range(0, len(records), 7):
+        chosen = table.sample(row, 3, rng, easy=True)
+        assert len(chosen) == 3 and len(set(chosen)) == 3 and row not in chosen
+        payee = records[row]["metadata"].get("payee")
+        for c in chosen:
+            assert abs(day(c) - day(row)) >= 7, (row, c)
+            assert not payee or records[c]["metadata"].get("payee") != payee, (row, c)
+
+
 def test_reading_rows_put_the_source_at_a_random_position(corpus):
     records, vocabulary, tokenized = corpus
     pool = tokenized.pools["read"]
@@ -130,6 +144,52 @@ def test_curriculum_starts_alone_then_adds_distractors(corpus):
     assert ((early != 0).any(axis=2).sum(axis=1) == 1).all()
     full = tokenized.batch(60, 0, sizes)["inputs"]
     assert ((full != 0).any(axis=2).sum(axis=1) > 1).any()
+
+
+def test_easy_stage_then_a_share_of_easy_examples(corpus):
+    records, _, tokenized = corpus
+    sizes = reader_batches.BatchSizes(batch_size=8, lm_batch_size=1, alone_steps=5,
+                                      easy_steps=10, easy_fraction=0.25)
+    rng = random.Random(0)
+    assert not any(sizes.easy(step, rng) for step in range(5))
+    assert all(sizes.easy(step, rng) for step in range(5, 15) for _ in range(20))
+    late = [sizes.easy(40, rng) for _ in range(4000)]
+    assert 0.22 < sum(late) / len(late) < 0.28
+    # Easy draws never share the source's day; hard ones do.
+    sources = tokenized.pools["read"].source
+    pool = tokenized.pools["read"]
+    same_day = {True: 0, False: 0}
+    for easy in (True, False):
+        rng = random.Random(1)
+        for index in range(0, len(pool), max(1, len(pool) // 200)):
+            ledger_rows = tokenized.distractors[0].sample(int(sources[index]), 3, rng, easy)
+            same_day[easy] += any(records[r]["metadata"]["date"] ==
+                                  records[int(sources[index])]["metadata"]["date"]
+                                  for r in ledger_rows)
+    assert same_day[True] == 0 < same_day[False]
+    # The batches use them: in the easy stage the rows of an example are seldom within a
+    # week of each other (only distractor pairs can be); with hard distractors most are.
+    import datetime
+    import re
+
+    def close_share(step, sizes):
+        inputs = tokenized.batch(step, 0, sizes)["inputs"]
+        hits = []
+        for example in inputs:
+            days = [datetime.date.fromisoformat(re.search(
+                r"title: (\d{4}-\d\d-\d\d)", tokenized.vocabulary.decode(
+                    [int(t) for t in row if t > 1])).group(1)).toordinal()
+                    for row in example if row.any()]
+            hits.append(any(abs(d - e) < 7 for i, d in enumerate(days) for e in days[i + 1:]))
+        return float(np.mean(hits))
+    staged = reader_batches.BatchSizes(batch_size=64, lm_batch_size=1, easy_steps=10)
+    print("close share easy / hard", close_share(3, staged), close_share(30, staged))
+    assert close_share(3, staged) < 0.4 < 0.8 < close_share(30, staged)
+    # Without an easy stage or share, the rng stream (and so every batch) is unchanged.
+    plain = reader_batches.BatchSizes(batch_size=8, lm_batch_size=1, alone_steps=5)
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    assert not any(plain.easy(s, rng_a) for s in range(50))
+    assert rng_a.random() == rng_b.random()
 
 
 def test_cued_copy_targets_what_follows_the_cue_in_the_input(corpus):

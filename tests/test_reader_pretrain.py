@@ -131,3 +131,42 @@ def test_bad_binding_is_named(tmp_path, capsys):
                      f"--gin.MODEL_DIR='{tmp_path}'",
                      "--gin.ReaderPretrainConfig.no_such=1"]) == 2
     assert "no_such" in capsys.readouterr().err
+
+
+def test_a_second_stage_starts_from_an_exported_reader(run, tmp_path):
+    """`init_from` (runs/reader_read.gin): the stage-1 export's weights and vocabulary start
+    the run; its card counts both stages; a reader of another shape is refused by name."""
+    run_dir, _ = run
+    first = tmp_path / "stage1_reader"
+    assert cli.main(["reader", "export", "--run", str(run_dir), "--out", str(first)]) == 0
+    stage2 = tmp_path / "stage2"
+    gin_config.parse(["runs/reader_read.gin"], TINY + [
+        f"MODEL_DIR = '{stage2}'", "TRAIN_STEPS = 4", f"INIT_READER = '{first}'",
+        "ReaderPretrainConfig.easy_steps = 2", "ReaderPretrainConfig.warmup_steps = 1"])
+    config = reader_pretrain.ReaderPretrainConfig()
+    reader_pretrain.train(config)
+    assert (stage2 / "corpus" / "spiece.model").read_bytes() == \
+        (first / "spiece.model").read_bytes()
+    from atlas_jax_tasks import vocab
+    vocabulary = vocab.reader_vocabulary(str(first / "spiece.model"))
+    _, model = reader_pretrain.make_model(vocabulary)
+    start = reader_pretrain.initial_params(model, config)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(_params(run_dir, 8))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    gin.clear_config(clear_constants=True)
+    out = tmp_path / "stage2_reader"
+    assert cli.main(["reader", "export", "--run", str(stage2), "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert [s["steps"] for s in card["training"]["stages"]] == [8, 4]
+    assert card["training"]["steps"] == 12
+    assert card["training"]["stages"][1]["curriculum"]["easy_steps"] == 2
+    assert "stage 2: 4 steps" in (out / "README.md").read_text()
+    # A reader of another width: one line naming the parameter, nothing trained.
+    other = tmp_path / "stage2_wide"
+    gin_config.parse(["runs/reader_read.gin"], TINY + [
+        f"MODEL_DIR = '{other}'", "TRAIN_STEPS = 2", f"INIT_READER = '{first}'",
+        "t5.T5Config.emb_dim = 48"])
+    wrong = r"init_from=.*parameter .* is \(32, \d+\), the model needs \(48, \d+\)"
+    with pytest.raises(ValueError, match=wrong):
+        reader_pretrain.initial_params(reader_pretrain.make_model(vocabulary)[1],
+                                       reader_pretrain.ReaderPretrainConfig())
