@@ -16,6 +16,7 @@ setup(
     # `tasks/` installs as `atlas_jax_tasks` (never as a bare top-level `tasks` module), and the
     # gin folder ships inside the package as `atlas_jax.gin` (a data-only namespace package).
     packages=["atlas_jax", "atlas_jax.models", "atlas_jax.index", "atlas_jax.formats",
+              "atlas_jax.train", "atlas_jax.cli", "atlas_jax.demo", "atlas_jax.ledger",
               "atlas_jax.fava",
               "atlas_jax_tasks",
               "atlas_jax.gin"],

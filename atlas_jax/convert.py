@@ -79,7 +79,8 @@ def save_retriever(retriever, folder: Path, tower: str = "query", dtype=np.float
 def _from_run(model_dir: Path, step: int | None):
     """(reader, retriever or None) of a training run's checkpoint: the run's config.gin gives
     the configs and tokenizers, the orbax checkpoint the trained parameters."""
-    from atlas_jax import gin_config, trainer, weights
+    from atlas_jax import gin_config, weights
+    from atlas_jax.train import trainer
     from atlas_jax.formats import t5x as t5x_format
     config_gin = model_dir / "config.gin"
     if not config_gin.is_file():
@@ -132,7 +133,8 @@ def _from_source(source: Path, tokenizer: str | None, head_dim: int):
 
 
 def convert(out: Path, reader, retriever, spiece: str | None) -> dict:
-    from atlas_jax import fileio, reader_export
+    from atlas_jax import fileio
+    from atlas_jax.ledger import reader_export
     from atlas_jax.formats import hf_t5_tower
     spiece = spiece or (reader.spiece_model if reader is not None else None)
     written: dict[str, Any] = {}

@@ -4,7 +4,7 @@ train step, compiled ahead of time for a simulated mesh (docs/design.md §5, §6
     atlas-jax plan --gin_file=models/xxl.gin --gin_file=runs/finetune.gin --mesh 64x4 \
         --passages 32000000 --dtype bfloat16 --json plan.json
 
-The step is the trainer's (`trainer.make_train_step`: joint loss, gradients, clipped AdamW,
+The step is the trainer's (`train.steps.make_train_step`: joint loss, gradients, clipped AdamW,
 donated parameters and optimizer state) for the run's batch size, `n_context`,
 `retriever_n_context` and TASK_FEATURE_LENGTHS, with the gin reader (`t5.T5Config`) and
 retriever (`retriever.RetrieverConfig`) and the gin partitioning (PARTITIONING_RULES; the
@@ -97,21 +97,26 @@ def batch_specs(shapes: StepShapes, closed_book: bool = False,
     return specs
 
 
-def build_step_run(config: Any, mesh: Any, rules: Any, params: dict | None = None) -> Any:
-    """A `trainer.Run` holding what the train step needs (models, objective, optimizer,
-    parameter shardings), from the gin model configs; no data, index or vocabulary.
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What the train step needs: the models on the mesh, the objective and the optimizer."""
+    state: Any                 # train.state.ModelState
+    objective: Any             # objectives.ObjectiveConfig
+    optimizer: Any             # optax.GradientTransformation
+    n_context: int
+
+
+def build_step_run(config: Any, mesh: Any, rules: Any, params: dict | None = None
+                   ) -> StepParts:
+    """The train step's parts from the gin model configs; no data, index or vocabulary.
 
     params None: abstract parameters (`jax.ShapeDtypeStruct`s carrying their shardings).
     Otherwise {"reader": ..., "retriever": ...} host trees, placed on the mesh like
     `trainer.build_run` places them (frozen copies added per the run's settings).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from atlas_jax import joint_loss, objectives, optimization, partitioning, trainer, weights
-    from atlas_jax.index import passage_index as passage_index_lib
+    from atlas_jax import weights
     from atlas_jax.models import fid, retriever as retriever_lib, t5
-    from atlas_jax.index import refresh as refresh_lib
+    from atlas_jax.train import joint_loss, objectives, optimization, state as state_lib
 
     objective = objectives.ObjectiveConfig()
     if config.closed_book:
@@ -119,43 +124,27 @@ def build_step_run(config: Any, mesh: Any, rules: Any, params: dict | None = Non
     reader_config, retriever_config = t5.T5Config(), retriever_lib.RetrieverConfig()
     models = joint_loss.JointModels(fid.FusionInDecoder(reader_config),
                                     retriever_lib.DualEncoder(retriever_config))
-    train_retriever = objective.objective != "none"
-    retriever_key = "retriever" if train_retriever else "frozen_retriever"
     if params is None:
-        ones3, ones2 = jnp.ones((1, 1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
-        reader_params, _ = partitioning.abstract_params(
-            lambda r: models.reader.init(r, ones3, jnp.ones((1, 2), jnp.int32)))
-        retriever_params, _ = partitioning.abstract_params(
-            lambda r: models.retriever.init(r, ones2, ones2, ones2, ones2))
+        reader_params, retriever_params = state_lib.abstract_params(models)
     else:
         reader_params, retriever_params = params["reader"], params["retriever"]
-    tree = {"reader": reader_params, retriever_key: retriever_params}
-    if config.query_side and train_retriever:
-        tree["frozen_passage_tower"] = retriever_params
-    shardings = trainer._param_shardings(tree, models, mesh, rules)
-    if params is None:
-        tree = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            tree, shardings)
-    else:
-        tree = partitioning.shard_params(jax.tree.map(jnp.array, tree), shardings)
-    optimizer_config = optimization.OptimizerConfig()
-    retriever = weights.Retriever(retriever_config, retriever_params)
-    return trainer.Run(
-        config, objective, optimizer_config, passage_index_lib.IndexConfig(), mesh, rules,
-        models, retriever, None, tree, shardings,
-        optimization.make_optimizer(optimizer_config, tree), None, None,
-        refresh_lib.RefreshSchedule.parse("-1", train_retriever=False))
+    groups = state_lib.param_groups(reader_params, retriever_params,
+                                    objective.objective != "none", config.query_side)
+    state = state_lib.build_state(models, weights.Retriever(retriever_config, retriever_params),
+                                  groups, mesh, rules, abstract=params is None)
+    optimizer = optimization.make_optimizer(optimization.OptimizerConfig(), state.params)
+    return StepParts(state, objective, optimizer,
+                     config.n_context if not config.closed_book else 1)
 
 
-def abstract_opt_state(run: Any) -> Any:
+def abstract_opt_state(run: StepParts) -> Any:
     """The optimizer state as ShapeDtypeStructs with the shardings `init_opt_state` gives."""
     import jax
 
-    from atlas_jax import partitioning
-    state = jax.eval_shape(run.optimizer.init, run.params)
-    shardings = partitioning.optimizer_state_shardings(state, run.param_shardings, run.mesh)
+    from atlas_jax.train import steps
+    shardings = steps.opt_state_shardings(run.state, run.optimizer, run.state.params)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+                        jax.eval_shape(run.optimizer.init, run.state.params), shardings)
 
 
 def check_divides(shapes: StepShapes, mesh_shape: tuple[int, int], reader_config: Any,
@@ -198,8 +187,9 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from atlas_jax import partitioning, trainer
+    from atlas_jax import partitioning
     from atlas_jax.models import retriever as retriever_lib, t5
+    from atlas_jax.train import steps, trainer
 
     data, model = mesh_shape
     devices = data * model
@@ -221,13 +211,14 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
                                         sharding=partitioning.batch_sharding(mesh, len(shape)))
              for name, (shape, dtype) in batch_specs(
                  shapes, config.closed_book, retriever_config.hidden_size
-                 if "frozen_passage_tower" in run.params else None).items()}
+                 if "frozen_passage_tower" in run.state.params else None).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     loss_scale = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
-    step = trainer.make_train_step(run, opt_state)
-    compiled = step.lower(run.params, opt_state, batch, rng, loss_scale).compile()
+    step = steps.make_train_step(run.state, run.objective, run.optimizer, run.n_context,
+                                 opt_state)
+    compiled = step.lower(run.state.params, opt_state, batch, rng, loss_scale).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -236,8 +227,8 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
     flops = float(cost.get("flops", 0.0))
     rows = -(-passages // devices)
     dim = retriever_config.hidden_size
-    trained_retriever = run.params.get("retriever", {})
-    frozen = {k: v for k, v in run.params.items() if k.startswith("frozen")}
+    trained_retriever = run.state.params.get("retriever", {})
+    frozen = {k: v for k, v in run.state.params.items() if k.startswith("frozen")}
     return {
         "mesh": {"data": data, "model": model, "devices": devices},
         "partitioning": partitioning.rules_name(rules),
@@ -247,10 +238,10 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
                    "mlp_dim": reader_config.mlp_dim, "dtype": reader_config.dtype,
                    "remat": reader_config.remat},
         "step": dataclasses.asdict(shapes),
-        "params": {"reader": _tree_size(run.params["reader"]),
+        "params": {"reader": _tree_size(run.state.params["reader"]),
                    "retriever": _tree_size(trained_retriever),
                    "frozen": _tree_size(frozen),
-                   "bytes": _tree_bytes(run.params)},
+                   "bytes": _tree_bytes(run.state.params)},
         "memory_per_device": {"arguments": argument, "outputs": output, "aliased": alias,
                               "temporaries": temp,
                               "peak_estimate": argument + output - alias + temp},
@@ -347,7 +338,7 @@ def _reexecute(args: argparse.Namespace, devices: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from atlas_jax import gin_config
-    from atlas_jax.train_commands import _gin_arguments
+    from atlas_jax.cli.train import _gin_arguments
     try:
         data, model = parse_mesh(args.mesh)
         files, bindings, paths = _gin_arguments(list(args.gin_flags))

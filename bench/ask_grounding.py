@@ -23,7 +23,7 @@ PREDICTIONS = ("joint_hybrid_test", "joint_test", "frozen_retriever_test",
 
 
 def measure(run_dir: Path, n_context: int) -> dict:
-    from atlas_jax.ledger_checks import grounding
+    from atlas_jax.ledger.checks import grounding
     from atlas_jax.evaluation import exact_match
     texts = {}
     with (run_dir / "ledger" / "passages.jsonl").open(encoding="utf-8") as f:

@@ -21,7 +21,7 @@ import numpy as np
 
 def measure(run_dir: Path, ledger_dir: Path, limit: int | None) -> dict:
     from atlas_jax.evaluation import exact_match
-    from atlas_jax.ledger_qa import LedgerQA
+    from atlas_jax.ledger.qa import LedgerQA
     qa = LedgerQA.load(run_dir)
     sync = qa.sync(ledger_dir / "ledger.beancount")
     added, index_s = sync["added"], sync["seconds"]

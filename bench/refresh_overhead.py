@@ -21,7 +21,8 @@ from pathlib import Path
 
 def run_once(model_dir: Path, steps: int, schedule: str, mesh: str) -> dict:
     import atlas_jax_tasks
-    from atlas_jax import gin_config, trainer
+    from atlas_jax import gin_config
+    from atlas_jax.train import trainer
     gin_config.parse(["runs/synthetic.gin", "objectives/pdist.gin"], [
         f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {steps}",
         f"partitioning.create_mesh.shape = ({mesh})",

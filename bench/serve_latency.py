@@ -85,9 +85,9 @@ def _edits(url: str, ledger: Path, count: int, question_pool: list[str]) -> dict
 
 
 def measure(run_dir: Path, ledger_dir: Path, rounds: int, edits: int) -> dict:
-    from atlas_jax import serve
+    from atlas_jax.ledger import serve
     from atlas_jax.evaluation import exact_match
-    from atlas_jax.ledger_qa import LedgerQA
+    from atlas_jax.ledger.qa import LedgerQA
     from atlas_jax_tasks import ledger_query
     began = time.perf_counter()
     qa = LedgerQA.load(run_dir)

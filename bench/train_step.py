@@ -122,7 +122,7 @@ def prepare_ours(config, params_np: dict, batch_np: dict, opt: dict):
     --breakdown, step memory MB or None, the compiled step)."""
     import jax
     import jax.numpy as jnp
-    from atlas_jax import objectives, optimization
+    from atlas_jax.train import objectives, optimization
     from atlas_jax.models import fid
 
     model = fid.FusionInDecoder(config)

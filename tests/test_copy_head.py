@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import atlas_jax
-from atlas_jax import reader_export, weights
+from atlas_jax.ledger import reader_export
+from atlas_jax import weights
 from atlas_jax.models import decoding
 from tests import test_fid
 

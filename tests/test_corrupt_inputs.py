@@ -251,7 +251,8 @@ def demo_folder(trained_run, tmp_path, monkeypatch):
     """A folder laid out like `atlas-jax demo --out` for `ask`: the synthetic run as its
     fine-tuned stage and that run's index as the refreshed one (the demo's gin parsing is
     pointed at the synthetic gin: the demo itself takes minutes)."""
-    from atlas_jax import demo_args, gin_config
+    from atlas_jax.demo import args as demo_args
+    from atlas_jax import gin_config
     out = tmp_path / "demo"
     stage = out / "runs" / "finetune_joint"
     shutil.copytree(trained_run, stage)

@@ -90,7 +90,7 @@ def test_retrieval_filters_and_hot_swap(demo_run):
 
 
 def test_ask_answers_with_evidence_and_syncs_a_grown_ledger(demo_run, tmp_path):
-    from atlas_jax.ledger_qa import LedgerQA
+    from atlas_jax.ledger.qa import LedgerQA
     out, _ = demo_run
     record = next(r for r in map(json.loads, (out / "ledger" / "qa_test.jsonl").read_text()
                                  .splitlines()) if r["kind"] == "payment_amount")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import gin
 import pytest
 
-from atlas_jax import gin_config, objectives, optimization, trainer
+from atlas_jax import gin_config
+from atlas_jax.train import objectives, optimization, trainer
 from atlas_jax.index import passage_index
 
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from atlas_jax import cli
-from atlas_jax.index import benchmark
+from bench import index_benchmark as benchmark
 
 
 def test_bench_writes_rows_for_every_method(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
-from atlas_jax import joint_loss, objectives
+from atlas_jax.train import joint_loss, objectives
 from atlas_jax.models import fid, retriever, t5
 from tests.adist_reference import adist_masses
 

@@ -1,8 +1,8 @@
 """Answers checked against the question: the expected answer type from the question's
-wording, the answer's form, and typed grounding in the evidence (atlas_jax/ledger_checks.py)."""
+wording, the answer's form, and typed grounding in the evidence (atlas_jax/ledger/checks.py)."""
 import pytest
 
-from atlas_jax.ledger_checks import check_answer, grounding
+from atlas_jax.ledger.checks import check_answer, grounding
 from atlas_jax_tasks import ledger_query
 from atlas_jax_tasks.ledger_phrasing import TEMPLATES
 

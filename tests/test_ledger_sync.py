@@ -1,4 +1,4 @@
-"""Content-addressed entry ids and incremental ledger sync (atlas_jax/ledger_sync.py) on
+"""Content-addressed entry ids and incremental ledger sync (atlas_jax/ledger/sync.py) on
 generated Beancount ledgers with the real MiniLM passage tower: add, change, delete, backfill,
 true duplicates, includes, two ledgers with overlapping dates, persistence."""
 import datetime
@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from atlas_jax import ledger_sync, weights
+from atlas_jax.ledger import sync as ledger_sync
+from atlas_jax import weights
 from atlas_jax.index import passage_index, passages
 from atlas_jax_tasks import ledger
 

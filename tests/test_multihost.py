@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import atlas_jax_tasks
-from atlas_jax import checkpoints, cli, distributed, gin_config, trainer
+from atlas_jax import checkpoints, cli, distributed, gin_config
+from atlas_jax.train import steps as train_steps, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -134,8 +135,8 @@ def test_two_processes_train_like_one_and_restore_on_another_topology(tmp_path):
     run = trainer.build_run(configure(multi_dir, data, mesh="(8, 1)"))
     ckpt = checkpoints.Checkpoints(multi_dir / "checkpoints")
     assert ckpt.latest_step() == STEPS
-    state, meta = ckpt.restore(STEPS, {"params": run.params,
-                                       "opt_state": trainer.init_opt_state(run, run.params)})
+    opt_state = train_steps.init_opt_state(run.state, run.optimizer, run.state.params)
+    state, meta = ckpt.restore(STEPS, {"params": run.state.params, "opt_state": opt_state})
     ckpt.close()
     assert meta["step"] == STEPS and meta["index_step"] == 2
     restored, reference = flat(state["params"]), flat(single.params)
@@ -153,9 +154,9 @@ def test_two_processes_train_like_one_and_restore_on_another_topology(tmp_path):
     for key in reference:
         np.testing.assert_allclose(restored[key], reference[key], rtol=0, err_msg=key,
                                    atol=STEPS * 1e-3 if key in noise else 1e-5)
-    moved = max(float(np.abs(reference[k] - v).max()) for k, v in flat(run.params).items())
+    moved = max(float(np.abs(reference[k] - v).max()) for k, v in flat(run.state.params).items())
     assert moved > 1e-3  # training moved the parameters: the comparison is not vacuous
-    assert run.params["reader"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"].sharding.mesh \
+    assert run.state.params["reader"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"].sharding.mesh \
         .devices.shape == (8, 1)
 
 

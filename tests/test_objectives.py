@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax import objectives
+from atlas_jax.train import objectives
 
 B, K, T, V, D = 3, 4, 5, 11, 8
 TAU_GOLD, TAU_SCORE = 0.5, 0.3  # moderate temperatures keep float32 vs float64 tight

@@ -13,8 +13,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atlas_jax import optimization, partitioning
-from atlas_jax.optimization import OptimizerConfig
+from atlas_jax.train import optimization
+from atlas_jax import partitioning
+from atlas_jax.train.optimization import OptimizerConfig
 
 CONSTANT = OptimizerConfig(schedule="constant", reader_learning_rate=1e-2,
                            retriever_learning_rate=1e-3, weight_decay=0.0, clip_norm=None)
@@ -93,7 +94,7 @@ def test_gin_binding():
     try:
         gin.parse_config("\n".join([
             "from __gin__ import dynamic_registration",
-            "from atlas_jax import optimization",
+            "from atlas_jax.train import optimization",
             "optimization.OptimizerConfig.schedule = 'cosine'",
             "optimization.OptimizerConfig.total_steps = 100",
             "optimization.OptimizerConfig.accumulation_steps = 4"]))

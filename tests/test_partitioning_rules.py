@@ -10,7 +10,9 @@ import pytest
 from flax.linen import meta
 from jax.sharding import PartitionSpec as P
 
-from atlas_jax import gin_config, objectives, optimization, partitioning, plan, trainer
+from atlas_jax import gin_config, partitioning, plan
+from atlas_jax.train import objectives, optimization, trainer
+from atlas_jax.train import steps as train_steps
 from atlas_jax.models import fid, retriever as retriever_lib, t5
 
 
@@ -112,16 +114,17 @@ def steps():
         config, mesh, rules = _configure(choice)
         assert objectives.ObjectiveConfig().objective == "pdist" and config.query_side
         run = plan.build_step_run(config, mesh, rules, params=host)
-        opt_state = trainer.init_opt_state(run, run.params)
-        before = jax.tree.map(np.asarray, run.params)
-        step = trainer.make_train_step(run, opt_state)
+        opt_state = train_steps.init_opt_state(run.state, run.optimizer, run.state.params)
+        before = jax.tree.map(np.asarray, run.state.params)
+        step = train_steps.make_train_step(run.state, run.objective, run.optimizer,
+                                           run.n_context, opt_state)
         batch = jax.device_put(_batch(config), {
             k: partitioning.batch_sharding(mesh, v.ndim) for k, v in _batch(config).items()})
-        shardings = (_flat(run.params), _flat(opt_state))
+        shardings = (_flat(run.state.params), _flat(opt_state))
         specs = ({k: v.sharding.spec for k, v in shardings[0].items()},
                  {m: {k: v.sharding.spec for k, v in tree.items()}
                   for m, tree in _mu_nu(opt_state).items()})
-        params, new_state, metrics = step(run.params, opt_state, batch, jax.random.key(0),
+        params, new_state, metrics = step(run.state.params, opt_state, batch, jax.random.key(0),
                                           np.float32(1.0))
         new_specs = {m: {k: v.sharding.spec for k, v in tree.items()}
                      for m, tree in _mu_nu(new_state).items()}

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from atlas_jax import checkpoints, cli, gin_config, reader_export, reader_pretrain, weights
+from atlas_jax import checkpoints, cli, gin_config, weights
+from atlas_jax.ledger import reader_export, reader_pretrain
 
 TINY = ["t5.T5Config.emb_dim = 32", "t5.T5Config.num_heads = 2", "t5.T5Config.head_dim = 16",
         "t5.T5Config.mlp_dim = 64", "t5.T5Config.num_encoder_layers = 1",

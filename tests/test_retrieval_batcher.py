@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
-from atlas_jax import joint_loss, objectives
+from atlas_jax.train import joint_loss, objectives
 from atlas_jax.index import hybrid as hybrid_lib
 from atlas_jax.index import passage_index, passages as passages_lib
 from atlas_jax.models import fid, retriever, t5
-from atlas_jax.train_data import EOS_ID, Examples, RetrievalBatcher, RetrievalSettings
+from atlas_jax.train.data import EOS_ID, Examples, RetrievalBatcher, RetrievalSettings
 
 N, D, K = 16, 8, 4                  # passages, embedding dim, retriever_n_context
 LP, LR, LQ, L, T = 6, 5, 5, 16, 4   # retriever / reader passage tokens, query, reader, target

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from atlas_jax import checkpoints, cli, gin_config, retriever_export, retriever_pretrain, weights
+from atlas_jax import checkpoints, cli, gin_config, weights
+from atlas_jax.ledger import retriever_export, retriever_pretrain
 from atlas_jax.convert import save_retriever
 from atlas_jax.models import retriever as retriever_lib
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from atlas_jax import serve
+from atlas_jax.ledger import serve
 from tests.conftest import NEW_ENTRY
 
 QUESTION = "How much did I pay Zyxwv Bakery on 30 Dec 2022?"
@@ -17,7 +17,7 @@ QUESTION = "How much did I pay Zyxwv Bakery on 30 Dec 2022?"
 
 @pytest.fixture(scope="module")
 def service(demo_run, tmp_path_factory):
-    from atlas_jax.ledger_qa import LedgerQA
+    from atlas_jax.ledger.qa import LedgerQA
     out, _ = demo_run
     ledger = tmp_path_factory.mktemp("ledger") / "ledger.beancount"
     shutil.copy(out / "ledger" / "ledger.beancount", ledger)

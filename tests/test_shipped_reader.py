@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import atlas_jax
-from atlas_jax import gin_config, reader_export, reader_pretrain, weights
+from atlas_jax import gin_config, weights
+from atlas_jax.ledger import reader_export, reader_pretrain
 
 FOLDER = Path(atlas_jax.__file__).parent / "readers" / "ledger_t5"
 AMOUNT_ALONE = 0.5

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import atlas_jax
-from atlas_jax import gin_config, retriever_pretrain, weights
+from atlas_jax import gin_config, weights
+from atlas_jax.ledger import retriever_pretrain
 
 FOLDER = Path(atlas_jax.__file__).parent / "retrievers" / "ledger_minilm"
 

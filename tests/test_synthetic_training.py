@@ -15,7 +15,8 @@ import gin
 import pytest
 
 import atlas_jax_tasks
-from atlas_jax import gin_config, trainer
+from atlas_jax import gin_config
+from atlas_jax.train import trainer
 
 
 @pytest.fixture(autouse=True)

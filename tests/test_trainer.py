@@ -12,8 +12,9 @@ import gin
 import pytest
 
 import atlas_jax_tasks
-from atlas_jax import checkpoints, gin_config, trainer
-from atlas_jax.train_data import batch_rows
+from atlas_jax import checkpoints, gin_config
+from atlas_jax.train import trainer
+from atlas_jax.train.data import batch_rows
 from tests.squad_reference import exact_match
 
 

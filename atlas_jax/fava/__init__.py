@@ -31,8 +31,8 @@ _LOCK = threading.Lock()
 def _service(run_dir: str, ledger: str):
     """One loaded model per (run, ledger) and process: Fava builds a new extension object
     on every reload of the ledger."""
-    from atlas_jax import serve
-    from atlas_jax.ledger_qa import LedgerQA
+    from atlas_jax.ledger import serve
+    from atlas_jax.ledger.qa import LedgerQA
     key = (str(Path(run_dir).absolute()), str(Path(ledger).absolute()))
     with _LOCK:
         if key not in _SERVICES:
@@ -59,7 +59,7 @@ class AtlasAsk(FavaExtensionBase):
         """The answer dict (`LedgerQA.answer`); raises ValueError with a message to show."""
         if self.url:
             return self._remote(question)
-        from atlas_jax import serve
+        from atlas_jax.ledger import serve
         service = _service(self.run_dir, self.ledger.beancount_file_path)
         if service.last_sync is None or service.changed():
             if service.sync() is None:
@@ -103,7 +103,7 @@ class AtlasAsk(FavaExtensionBase):
 
     def render_answer(self, question: str) -> Markup:
         """The answer and evidence table as HTML (the template calls this)."""
-        from atlas_jax import serve_page
+        from atlas_jax.ledger import serve_page
         try:
             result = self.answer(question)
         except ValueError as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -138,6 +138,66 @@ def _param_signature(params: Any) -> tuple:
     return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), x.sharding) for x in leaves)
 
 
+def _check_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarray,
+                  tower: str) -> tuple[np.ndarray, int]:
+    """Validates `embed_corpus`'s inputs: (lengths (N,) int64, limit), limit being the longest
+    passage the tower may embed (min of the token_ids width and max_position_embeddings)."""
+    if tower not in ("query", "passage"):
+        raise ValueError(f"tower must be 'query' or 'passage', got {tower!r}")
+    lengths = np.asarray(lengths).astype(np.int64).reshape(-1)  # (N,)
+    if token_ids.ndim != 2 or token_ids.shape[0] != lengths.shape[0]:
+        raise ValueError(f"token_ids of shape {token_ids.shape} do not match lengths of shape "
+                         f"{lengths.shape}: expected (N, L) and (N,)")
+    num_passages, width = token_ids.shape
+    limit = min(width, retriever.config.max_position_embeddings)
+    if num_passages and (lengths.min() < 0 or lengths.max() > limit):
+        bad = int(np.flatnonzero((lengths < 0) | (lengths > limit))[0])
+        raise ValueError(f"passage {bad} has length {lengths[bad]}, outside [0, {limit}] "
+                         f"(token_ids width {width}, max_position_embeddings "
+                         f"{retriever.config.max_position_embeddings})")
+    return lengths, limit
+
+
+def _compile_buckets(config: retriever_lib.RetrieverConfig, tower: str, mesh: Mesh,
+                     rules: tuple, batch: int, bucket_of: Sequence[int],
+                     signature: tuple) -> dict[int, Any]:
+    """{bucket length: the tower compiled for (batch, length)}, one per distinct length in
+    `bucket_of` (cached across calls by `_compiled_tower`)."""
+    precision = jax.config.jax_default_matmul_precision
+    return {length: _compiled_tower(config, tower, mesh, rules, batch, length, signature,
+                                    precision)
+            for length in sorted(set(bucket_of))}
+
+
+def _embed_batches(compiled: dict[int, Any], tower_params: Any, mesh: Mesh,
+                   token_ids: np.ndarray, lengths: np.ndarray, order: np.ndarray,
+                   batches: Iterable[tuple[int, int]], batch: int, embeddings: np.ndarray,
+                   bar: tqdm) -> None:
+    """Runs each (start, bucket length) of `batches` (passages order[start:start + batch],
+    sliced to that length and padded to `batch` rows) and writes the embeddings into
+    `embeddings` rows; the next batch is dispatched before the previous one is read back."""
+    data_sharding = NamedSharding(mesh, PartitionSpec("data", None))
+    pending = None  # (rows, device result) of the batch in flight
+
+    def read_back(rows, result):
+        embeddings[rows] = distributed.host_array(result)[:len(rows)]
+        bar.update(len(rows))
+
+    for start, length in batches:
+        rows = np.sort(order[start:start + batch])  # ascending: sequential memmap reads
+        ids = np.zeros((batch, length), np.int32)  # (batch, length); dummy rows stay empty
+        ids[:len(rows)] = np.asarray(token_ids[rows, :length])
+        mask = (np.arange(length)[None] < lengths[rows][:, None]).astype(np.int32)
+        mask = np.concatenate([mask, np.zeros((batch - len(rows), length), np.int32)])
+        result = compiled[length](tower_params, jax.device_put(ids, data_sharding),
+                                  jax.device_put(mask, data_sharding))  # (batch, D)
+        if pending is not None:
+            read_back(*pending)
+        pending = (rows, result)
+    if pending is not None:
+        read_back(*pending)
+
+
 def embed_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarray, *,
                  mesh: Mesh | None = None, batch_size: int = 256, tower: str = "passage",
                  params: Any = None, progress: bool = True, dtype: Any = np.float32,
@@ -163,19 +223,8 @@ def embed_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarra
     Returns:
       EmbeddingRun with embeddings (N, D) where row i is passage i.
     """
-    if tower not in ("query", "passage"):
-        raise ValueError(f"tower must be 'query' or 'passage', got {tower!r}")
-    lengths = np.asarray(lengths).astype(np.int64).reshape(-1)  # (N,)
-    if token_ids.ndim != 2 or token_ids.shape[0] != lengths.shape[0]:
-        raise ValueError(f"token_ids of shape {token_ids.shape} do not match lengths of shape "
-                         f"{lengths.shape}: expected (N, L) and (N,)")
-    num_passages, width = token_ids.shape
-    limit = min(width, retriever.config.max_position_embeddings)
-    if num_passages and (lengths.min() < 0 or lengths.max() > limit):
-        bad = int(np.flatnonzero((lengths < 0) | (lengths > limit))[0])
-        raise ValueError(f"passage {bad} has length {lengths[bad]}, outside [0, {limit}] "
-                         f"(token_ids width {width}, max_position_embeddings "
-                         f"{retriever.config.max_position_embeddings})")
+    lengths, limit = _check_corpus(retriever, token_ids, lengths, tower)
+    num_passages = token_ids.shape[0]
     start_time = time.perf_counter()
     mesh = mesh if mesh is not None else partitioning.create_mesh((-1, 1))
     rules = tuple(tuple(r) for r in (rules if rules is not None
@@ -190,35 +239,15 @@ def embed_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarra
     starts = range(0, num_passages, batch)
     bucket_of = [bucket_length(lengths[order[s]], limit, bucket_step) for s in starts]
     compile_start = time.perf_counter()
-    precision = jax.config.jax_default_matmul_precision
-    compiled = {length: _compiled_tower(retriever.config, tower, mesh, rules, batch, length,
-                                        signature, precision)
-                for length in sorted(set(bucket_of))}
+    compiled = _compile_buckets(retriever.config, tower, mesh, rules, batch, bucket_of,
+                                signature)
     compile_seconds = time.perf_counter() - compile_start
 
-    data_sharding = NamedSharding(mesh, PartitionSpec("data", None))
     embeddings = np.zeros((num_passages, retriever.config.embedding_dim), dtype)  # (N, D)
     bar = tqdm(total=num_passages, unit="passage", unit_scale=True, disable=not progress,
                desc=f"embed {tower}s", smoothing=0.1)
-    pending = None  # (rows, device result) of the batch in flight
-
-    def read_back(rows, result):
-        embeddings[rows] = distributed.host_array(result)[:len(rows)]
-        bar.update(len(rows))
-
-    for start, length in zip(starts, bucket_of):
-        rows = np.sort(order[start:start + batch])  # ascending: sequential memmap reads
-        ids = np.zeros((batch, length), np.int32)  # (batch, length); dummy rows stay empty
-        ids[:len(rows)] = np.asarray(token_ids[rows, :length])
-        mask = (np.arange(length)[None] < lengths[rows][:, None]).astype(np.int32)
-        mask = np.concatenate([mask, np.zeros((batch - len(rows), length), np.int32)])
-        result = compiled[length](tower_params, jax.device_put(ids, data_sharding),
-                                  jax.device_put(mask, data_sharding))  # (batch, D)
-        if pending is not None:
-            read_back(*pending)
-        pending = (rows, result)
-    if pending is not None:
-        read_back(*pending)
+    _embed_batches(compiled, tower_params, mesh, token_ids, lengths, order,
+                   zip(starts, bucket_of), batch, embeddings, bar)
     bar.close()
     seconds = time.perf_counter() - start_time
     return EmbeddingRun(embeddings, seconds, num_passages / max(seconds, 1e-9),

@@ -9,28 +9,23 @@ exactly; otherwise ScaNN over-retrieves, disallowed hits are dropped, and the ov
 doubles until k survive (then the exact fallback).
 On disk, no pickle: `scann/` holds ScaNN's native artifacts (protobufs and .npy, relative
 paths; the Python wrapper's `scann_docids.pkl` is never written nor read) next to
-`scann_row_ids.npy`, `scann_vectors.npy` (float16) and `scann_manifest.json`.
+`scann_row_ids.npy`, `scann_vectors.npy` (float16) and `scann_manifest.json`; written and read
+by `scann_storage`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import shutil
 from pathlib import Path
 
 import gin
 import numpy as np
 
-from atlas_jax.index import base
+from atlas_jax.index import base, scann_storage
 
 MODES = ("auto", "brute_force", "ah", "tree_ah")
 BRUTE_FORCE_BELOW = 20_000          # ScaNN: brute force for fewer than 20k points
 AH_BELOW = 100_000                  # ScaNN: AH + reorder below 100k, tree + AH + reorder above
-_FORMAT = "atlas_jax.scann/1"
-_MANIFEST, _ROW_IDS, _VECTORS, _ARTIFACTS = (
-    "scann_manifest.json", "scann_row_ids.npy", "scann_vectors.npy", "scann")
 _MAX_ID = 2**31 - 1
 
 
@@ -425,21 +420,9 @@ class ScannBackend:
 
     def save(self, directory: str | Path) -> None:
         """Writes the index into `directory` (created; an existing `scann/` inside it is
-        replaced). No file is a pickle; see the module docstring for the layout."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        artifacts = directory / _ARTIFACTS
-        if artifacts.exists():
-            shutil.rmtree(artifacts)
-        artifacts.mkdir()
-        # The native serializer writes protobufs + .npy; the Python wrapper's serialize would
-        # add scann_docids.pkl, which we replace by scann_row_ids.npy.
-        self._searcher.searcher.serialize(str(artifacts), True)
-        np.save(directory / _ROW_IDS, self._row_ids)
-        np.save(directory / _VECTORS, self._vectors[:self._num_slots])
-        manifest = {"format": _FORMAT, "dim": self.dim, "num_slots": self._num_slots,
-                    "num_rows": len(self._row_ids), "config": dataclasses.asdict(self.config)}
-        (directory / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        replaced). No file is a pickle; see `scann_storage` for the layout."""
+        scann_storage.save(directory, self._searcher.searcher, self._row_ids, self._vectors,
+                           self._num_slots, self.config)
 
     @classmethod
     def load(cls, directory: str | Path) -> ScannBackend:
@@ -449,62 +432,4 @@ class ScannBackend:
           FileNotFoundError: a file of the layout is missing (named).
           ValueError: a file is unreadable or inconsistent with the manifest (named).
         """
-        directory = Path(directory)
-        manifest_path = directory / _MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"ScaNN index manifest not found: {manifest_path}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            dim, num_slots, num_rows = (int(manifest[key]) for key in ("dim", "num_slots",
-                                                                       "num_rows"))
-            config = ScannConfig(**manifest["config"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{manifest_path}: not a valid ScaNN index manifest ({error})")
-        if manifest.get("format") != _FORMAT:
-            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, "
-                             f"expected {_FORMAT!r}")
-        row_ids = _load_npy(directory / _ROW_IDS, np.int64, (num_rows,))
-        vectors = _load_npy(directory / _VECTORS, np.float16, (num_slots, dim))
-        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= num_slots
-                             or len(np.unique(row_ids)) != len(row_ids)):
-            raise ValueError(f"{directory / _ROW_IDS}: ids must be unique and < {num_slots}")
-        searcher = _load_artifacts(directory / _ARTIFACTS, row_ids)
-        if searcher.size() != num_rows:
-            raise ValueError(f"{directory / _ARTIFACTS}: ScaNN holds {searcher.size()} rows, "
-                             f"{manifest_path} says {num_rows}")
-        return cls(searcher, row_ids, vectors, num_slots, config)
-
-
-def _load_npy(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """np.load without pickle, checked against the expected dtype and shape."""
-    if not path.is_file():
-        raise FileNotFoundError(f"ScaNN index file not found: {path}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: unreadable .npy ({error})") from error
-    if array.dtype != dtype or array.shape != shape:
-        raise ValueError(f"{path}: {array.dtype} {array.shape}, expected "
-                         f"{np.dtype(dtype)} {shape}")
-    return array
-
-
-def _load_artifacts(artifacts: Path, row_ids: np.ndarray):
-    """ScaNN searcher from its native artifacts (never reading a docids pickle), wrapped in
-    a ScannSearcher whose docids are str(row_ids)."""
-    assets_path = artifacts / "scann_assets.pbtxt"
-    if not assets_path.is_file():
-        raise FileNotFoundError(f"ScaNN assets list not found: {assets_path}")
-    assets = assets_path.read_text()
-    for name in re.findall(r'asset_path:\s*"([^"]*)"', assets) + ["scann_config.pb"]:
-        if Path(name).is_absolute() or Path(name).name != name:
-            raise ValueError(f"{assets_path}: asset {name!r} is not a file inside {artifacts}")
-        if not (artifacts / name).is_file():
-            raise FileNotFoundError(f"ScaNN asset listed in {assets_path} not found: "
-                                    f"{artifacts / name}")
-    ops = _scann_ops()
-    try:
-        native = ops.scann_pybind.ScannNumpy(str(artifacts), assets)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{artifacts}: ScaNN could not load its artifacts ({error})") from error
-    return ops.ScannSearcher(native, docids=[str(i) for i in row_ids])
+        return cls(*scann_storage.load(directory, ScannConfig, _scann_ops))

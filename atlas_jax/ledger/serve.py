@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from atlas_jax import serve_page
+from atlas_jax.ledger import serve_page
 
 MAX_BODY = 64 * 1024
 MAX_QUESTION = 1000
@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA
+    from atlas_jax.ledger.qa import DEFAULT_MIN_CONFIDENCE, LedgerQA
     try:
         check_host(args.host, args.token)          # before minutes of loading
         qa = LedgerQA.load(args.run_dir, args.min_confidence or DEFAULT_MIN_CONFIDENCE)

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # could not reach the coordinator, or JAX started too early
             raise ValueError(f"distributed initialisation failed: {e}") from None
         import atlas_jax_tasks
-        from atlas_jax import checkpoints, fileio, trainer
+        from atlas_jax import checkpoints, fileio
+        from atlas_jax.train import trainer
         # Every check before the first side effect (registering tasks may generate their
         # data): the configuration, the output folder, the checkpoint to evaluate.
         config = trainer.TrainConfig()

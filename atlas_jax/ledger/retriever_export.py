@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from atlas_jax import fileio
-from atlas_jax.reader_export import sha256
+from atlas_jax.ledger.reader_export import sha256
 
 CARD = "model_card.json"
 OUTPUT_KIND = "retriever"
@@ -31,7 +31,8 @@ HASHED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 def _run_retriever(run_dir: Path):
     """(Retriever at the run's latest checkpoint, config, checkpoint meta, metrics log)."""
-    from atlas_jax import checkpoints, gin_config, retriever_pretrain, weights
+    from atlas_jax import checkpoints, gin_config, weights
+    from atlas_jax.ledger import retriever_pretrain
     config_gin = run_dir / "config.gin"
     if not config_gin.is_file():
         raise FileNotFoundError(f"{config_gin}: not found (is {run_dir} a retriever "

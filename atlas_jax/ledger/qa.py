@@ -72,7 +72,9 @@ def _restore(run_dir: Path):
     import gin
 
     import atlas_jax_tasks
-    from atlas_jax import checkpoints, demo_args, trainer
+    from atlas_jax import checkpoints
+    from atlas_jax.demo import args as demo_args
+    from atlas_jax.train import steps, trainer
     args_path = run_dir / "demo_args.json"
     if not args_path.is_file():
         raise LedgerQAError(f"{args_path}: not found; --run must be a folder written by "
@@ -89,8 +91,8 @@ def _restore(run_dir: Path):
         if step is None:
             raise LedgerQAError(f"{config.run_dir / 'checkpoints'}: no checkpoint (the demo did "
                                 "not finish its fine-tuning stage)")
-        state, _ = ckpt.restore(step, {"params": run.params,
-                                       "opt_state": trainer.init_opt_state(run, run.params)})
+        opt_state = steps.init_opt_state(run.state, run.optimizer, run.state.params)
+        state, _ = ckpt.restore(step, {"params": run.state.params, "opt_state": opt_state})
     finally:
         ckpt.close()
     return run, state["params"]
@@ -146,14 +148,14 @@ class LedgerQA:
         index_dir = run_dir / INDEX_FOLDER
         if not index_dir.is_dir():
             raise LedgerQAError(f"{index_dir}: not found (the demo writes it after evaluation)")
-        index = passage_index.PassageIndex.load(index_dir, mesh=run.mesh)
+        index = passage_index.PassageIndex.load(index_dir, mesh=run.state.mesh)
         return cls(run_dir, run, params, index, _dense_weight(run_dir), min_confidence)
 
     # ---------------------------------------------------------------- index versions
     def prepare(self, index: Any, ledger: str | None = None,
                 sync: dict | None = None) -> IndexVersion:
         """An `IndexVersion` of `index` with its BM25 index and metadata table built."""
-        from atlas_jax.train_data import reader_token_table
+        from atlas_jax.train.data import reader_token_table
         from atlas_jax_tasks import ledger_query
         tokens = reader_token_table(index.store, self.run.vocabulary,
                                     int(self.run.config.feature_lengths["inputs"]))
@@ -165,13 +167,13 @@ class LedgerQA:
     def sync(self, ledger_file: str | Path, persist: bool = True) -> dict:
         """Makes the index mirror `ledger_file` (`ledger_sync.sync_index`) and swaps it in;
         returns the sync report. One sync at a time; searches go on meanwhile."""
-        from atlas_jax import ledger_sync
+        from atlas_jax.ledger import sync as ledger_sync
         ledger_file = str(Path(ledger_file).absolute())
         with self._sync_lock:
             current = self.holder.current     # only syncs replace it, and they hold the lock
             index, report = ledger_sync.sync_run_index(
                 self.run_dir, self.base_index, ledger_file, self.embed_records,
-                persist=persist, mesh=self.run.mesh,
+                persist=persist, mesh=self.run.state.mesh,
                 current=current.index if current.ledger == ledger_file else None)
             version = self.prepare(index, ledger_file, report)
             report["version"] = self.holder.swap(version)
@@ -181,25 +183,25 @@ class LedgerQA:
     def embed_records(self, records: list[dict]) -> np.ndarray:
         """Passage embeddings of ledger records (not under the model lock: a sync never
         holds answers up; XLA shares the cores)."""
-        from atlas_jax import ledger_sync
-        return ledger_sync.embed_records(self.run.retriever, self.run.passage_params(
-            self.params), records, self.run.mesh)
+        from atlas_jax.ledger import sync as ledger_sync
+        return ledger_sync.embed_records(self.run.state.retriever, self.run.state.passage_params(
+            self.params), records, self.run.state.mesh)
 
     def _embed_query(self, question: str) -> np.ndarray:
-        from atlas_jax import trainer
-        embed = trainer.make_embed_fn(self.run, "query")
+        from atlas_jax.train import steps
+        embed = steps.make_embed_fn(self.run.state, "query")
         ids, mask = self.run.batcher.query_tokens([question])
         with self._model_lock:
-            return embed(self.params[self.run.retriever_key], ids, mask)
+            return embed(self.params[self.run.state.retriever_key], ids, mask)
 
     def _read(self, reader_ids: np.ndarray) -> tuple[list[int], float]:
         """Greedy answer tokens (EOS included) and the reader's per-token likelihood of them
         (geometric mean, teacher-forced), both jit on the mesh."""
-        from atlas_jax import trainer
+        from atlas_jax.train import steps
         target_length = int(self.run.config.feature_lengths["targets"])
-        batch = self.run.mesh.shape["data"]
+        batch = self.run.state.mesh.shape["data"]
         padded = np.repeat(reader_ids, batch, axis=0)
-        generate = trainer.make_generate_fn(self.run, target_length)
+        generate = steps.make_generate_fn(self.run.state, target_length)
         with self._model_lock:
             tokens = list(generate(self.params["reader"], padded)[0])
             generated = tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
@@ -216,7 +218,7 @@ class LedgerQA:
             import jax.numpy as jnp
 
             from atlas_jax import distributed, partitioning
-            model, run = self.run.models.reader, self.run
+            model, state = self.run.state.models.reader, self.run.state
 
             @jax.jit
             def score(params, reader_ids, targets):
@@ -228,10 +230,10 @@ class LedgerQA:
                 return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
             def call(params, reader_ids, targets):
-                with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+                with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
                     out = score(params, jax.device_put(
-                        reader_ids, partitioning.batch_sharding(run.mesh, 3)),
-                        jax.device_put(targets, partitioning.batch_sharding(run.mesh, 2)))
+                        reader_ids, partitioning.batch_sharding(state.mesh, 3)),
+                        jax.device_put(targets, partitioning.batch_sharding(state.mesh, 2)))
                 return distributed.host_array(out)
             self._compiled["score"] = call
         return self._compiled["score"]
@@ -239,9 +241,9 @@ class LedgerQA:
     # ---------------------------------------------------------------- answering
     def answer(self, question: str, k: int | None = None) -> dict:
         """Answer, likelihood, checks and evidence for one question (thread-safe)."""
-        from atlas_jax import ledger_checks
+        from atlas_jax.ledger import checks as ledger_checks
         from atlas_jax.index import hybrid
-        from atlas_jax.train_data import reader_inputs
+        from atlas_jax.train.data import reader_inputs
         from atlas_jax_tasks import ledger_query
         from atlas_jax.vocabulary import strip_sentinels
         if not isinstance(question, str) or not question.strip():

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from atlas_jax.ledger_qa import DEFAULT_MIN_CONFIDENCE, LedgerQA, use_compilation_cache
+from atlas_jax.ledger.qa import DEFAULT_MIN_CONFIDENCE, LedgerQA, use_compilation_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def _run_pretrain(args) -> int:
-    from atlas_jax import reader_pretrain
+    from atlas_jax.ledger import reader_pretrain
     return run_pretrain(args, "reader", "runs/reader_pretrain.gin",
                         lambda: reader_pretrain.ReaderPretrainConfig(), reader_pretrain.train)
 
@@ -32,7 +32,7 @@ def run_pretrain(args, name: str, default_gin: str, make_config, train) -> int:
     """`atlas-jax NAME pretrain [gin flags]`: parse the gin files and bindings (default
     `default_gin`), build the config, train; errors are one line and exit status 2."""
     from atlas_jax import gin_config
-    from atlas_jax.train_commands import _gin_arguments, unreadable_input_errors
+    from atlas_jax.cli.train import _gin_arguments, unreadable_input_errors
     try:
         files, bindings, paths = _gin_arguments(list(args.gin_flags))
         gin_config.parse(files or [default_gin], bindings, paths)
@@ -50,5 +50,5 @@ def run_pretrain(args, name: str, default_gin: str, make_config, train) -> int:
 
 
 def _run_export(args) -> int:
-    from atlas_jax import reader_export
+    from atlas_jax.ledger import reader_export
     return reader_export.main(args)

@@ -56,10 +56,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "it (recorded as the index's retriever)")
     imported.set_defaults(run=run_import_atlas)
 
-    bench = commands.add_parser("bench", help="exact vs device vs ScaNN vs faiss")
-    from atlas_jax.index import benchmark
-    benchmark.add_arguments(bench)
-    bench.set_defaults(run=benchmark.run)
+    bench = commands.add_parser("bench", help="exact vs device vs ScaNN vs faiss "
+                                "(bench/index_benchmark.py; from a source checkout)")
+    benchmark = _benchmark_module()
+    if benchmark is None:
+        bench.add_argument("rest", nargs=argparse.REMAINDER)
+        bench.set_defaults(run=lambda args: _fail(
+            "index bench runs from a source checkout (bench/ is not installed): run it from "
+            "the repository root, or `python -m bench.index_benchmark`"))
+    else:
+        benchmark.add_arguments(bench)
+        bench.set_defaults(run=benchmark.run)
+
+
+def _benchmark_module():
+    """bench/index_benchmark.py: importable from a checkout (the repository root on the path,
+    or the current folder being it); None where only the package is installed."""
+    import importlib
+    try:
+        return importlib.import_module("bench.index_benchmark")
+    except ImportError:
+        pass
+    if (Path.cwd() / "bench" / "index_benchmark.py").is_file():
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            return importlib.import_module("bench.index_benchmark")
+        except ImportError:
+            return None
+    return None
 
 
 def _fail(message: str) -> int:

@@ -15,19 +15,19 @@ import sys
 COMMANDS = {
     "demo": ("atlas_jax.demo", "few-shot QA over a generated Beancount ledger, end to end "
              "(report.json / report.md / plots)"),
-    "ask": ("atlas_jax.ask", "answer a ledger question with a trained demo run, with evidence"),
-    "serve": ("atlas_jax.serve", "ledger QA over HTTP (/ask, a page, /health, /metrics) with "
+    "ask": ("atlas_jax.cli.ask", "answer a ledger question with a trained demo run, with evidence"),
+    "serve": ("atlas_jax.ledger.serve", "ledger QA over HTTP (/ask, a page, /health, /metrics) with "
               "the index kept in sync with the ledger file"),
-    "ledger": ("atlas_jax.ledger_commands", "sync a demo run's index with a Beancount ledger"),
-    "reader": ("atlas_jax.reader_commands", "pre-train the shipped reader (unsupervised, on "
+    "ledger": ("atlas_jax.cli.ledger", "sync a demo run's index with a Beancount ledger"),
+    "reader": ("atlas_jax.cli.reader", "pre-train the shipped reader (unsupervised, on "
                "generated ledgers) and export it"),
-    "retriever": ("atlas_jax.retriever_commands", "pre-train the shipped ledger retriever "
+    "retriever": ("atlas_jax.cli.retriever", "pre-train the shipped ledger retriever "
                   "(unsupervised, on generated ledgers) and export it"),
-    "index": ("atlas_jax.index.commands", "build, search and benchmark passage indexes"),
-    "data": ("atlas_jax.data_commands", "list SeqIO tasks; generate the ledger QA task"),
-    "train": ("atlas_jax.train_commands", "joint retriever-reader training (t5x-style gin flags)"),
-    "eval": ("atlas_jax.train_commands", "evaluate a run's latest checkpoint on its eval split"),
-    "infer": ("atlas_jax.train_commands", "predictions of a run's latest checkpoint"),
+    "index": ("atlas_jax.cli.index", "build, search and benchmark passage indexes"),
+    "data": ("atlas_jax.cli.data", "list SeqIO tasks; generate the ledger QA task"),
+    "train": ("atlas_jax.cli.train", "joint retriever-reader training (t5x-style gin flags)"),
+    "eval": ("atlas_jax.cli.train", "evaluate a run's latest checkpoint on its eval split"),
+    "infer": ("atlas_jax.cli.train", "predictions of a run's latest checkpoint"),
     "convert": ("atlas_jax.convert", "any checkpoint this project reads (t5x, Atlas, a "
                 "training run, Hugging Face) -> Hugging Face reader / retriever folders"),
     "plan": ("atlas_jax.plan", "memory, FLOPs and sharding plan of a configuration on a "

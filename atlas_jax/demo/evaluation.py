@@ -13,50 +13,45 @@ RECALL_KS = (1, 5, 20)
 
 
 def subset(examples, rows):
-    from atlas_jax.train_data import Examples
+    from atlas_jax.train.data import Examples
     pick = lambda values: [values[r] for r in rows]  # noqa: E731
     return Examples(pick(examples.prompts), examples.targets[rows], pick(examples.queries),
                     pick(examples.ids), pick(examples.answers), pick(examples.gold_ids),
                     pick(examples.filters), pick(examples.source_passages))
 
 
-def use_index(run, index) -> None:
-    """Points `run`'s batcher and store at `index` (e.g. the refreshed one)."""
-    from atlas_jax.train_data import reader_token_table
-    if run.store is not index.store or len(run.batcher.reader_tokens) != len(index.store):
-        run.store = index.store
-        run.batcher.reader_tokens = reader_token_table(
-            index.store, run.vocabulary, int(run.config.feature_lengths["inputs"]))
-    run.batcher.retriever_tokens = index.tokens
-    run.batcher.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
-
-
-def retrieval_settings(run, mode: str, dense_weight: float | None = None):
-    """The batcher settings of a test-time retrieval mode: dense (no filters), hybrid (BM25 +
-    dense, parsed filters, strict), closed_book."""
+def mode_batcher(run, index, mode: str, dense_weight: float | None = None):
+    """`run`'s batcher in a test-time retrieval mode (dense: no filters; hybrid: BM25 + dense,
+    parsed filters, strict; closed_book), pointed at `index` (e.g. the refreshed one, over
+    another store: its reader tokens are made)."""
     from atlas_jax.index import hybrid as hybrid_lib
+    from atlas_jax.train.data import reader_token_table
     settings = dataclasses.replace(run.batcher.settings, retriever_n_context=max(RECALL_KS),
                                    rerank_n=0)
-    if mode == "closed_book":
-        return settings
+    hybrid_config = run.batcher.hybrid_config
     if mode == "dense":
-        run.batcher.hybrid_config = None
-        return dataclasses.replace(settings, hybrid=False, use_filters=False)
-    run.batcher.hybrid_config = hybrid_lib.HybridConfig(dense_weight=dense_weight,
-                                                        bm25_weight=1.0)
-    return dataclasses.replace(settings, hybrid=True, use_filters=True, filter_mode="strict")
+        settings, hybrid_config = dataclasses.replace(settings, hybrid=False,
+                                                      use_filters=False), None
+    elif mode == "hybrid":
+        settings = dataclasses.replace(settings, hybrid=True, use_filters=True,
+                                       filter_mode="strict")
+        hybrid_config = hybrid_lib.HybridConfig(dense_weight=dense_weight, bm25_weight=1.0)
+    batcher = run.batcher.configured(settings, hybrid_config)
+    if index is None:
+        return batcher
+    reader_tokens = None
+    if run.store is not index.store or len(batcher.reader_tokens) != len(index.store):
+        reader_tokens = reader_token_table(index.store, run.vocabulary,
+                                           int(run.config.feature_lengths["inputs"]))
+    return batcher.use_index(index, reader_tokens)
 
 
 def evaluate_system(run, params, index, examples, mode: str, path: Path,
                     dense_weight: float | None = None, kinds: dict | None = None) -> dict:
     """EM / F1 / recall@k / EM by kind of `params` on `examples` with retrieval `mode`."""
-    from atlas_jax import trainer
-    saved = run.batcher.settings, run.batcher.hybrid_config
-    run.batcher.settings = retrieval_settings(run, mode, dense_weight)
-    try:
-        metrics = trainer.evaluate(run, params, index, examples, 0, path)
-    finally:
-        run.batcher.settings, run.batcher.hybrid_config = saved
+    from atlas_jax.train.evaluate import evaluate
+    batcher = mode_batcher(run, None if mode == "closed_book" else index, mode, dense_weight)
+    metrics = evaluate(run, params, index, examples, 0, path, batcher=batcher)
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return summarize(metrics, records, kinds or {})
 
@@ -78,27 +73,24 @@ def summarize(metrics: dict, records: list[dict], kinds: dict[str, str]) -> dict
 def choose_dense_weight(run, params, index, examples, weights_: tuple[float, ...]
                         ) -> tuple[float, dict[str, float]]:
     """The fusion weight (BM25 at 1) with the best recall@5 on `examples` (dev)."""
-    from atlas_jax import evaluation, trainer
-    from atlas_jax.train_data import eval_batches
-    embed = trainer.make_embed_fn(run, "query")
-    retriever = params[run.retriever_key]
+    from atlas_jax import evaluation
+    from atlas_jax.train import steps
+    from atlas_jax.train.data import eval_batches
+    embed = steps.make_embed_fn(run.state, "query")
+    retriever = params[run.state.retriever_key]
     scores = {}
-    saved = run.batcher.settings, run.batcher.hybrid_config
-    try:
-        for weight in weights_:
-            run.batcher.settings = retrieval_settings(run, "hybrid", weight)
-            retrieved, gold = [], []
-            for rows, count in eval_batches(len(examples), run.config.batch_size):
-                queries = run.batcher.embed_query_texts(
-                    [examples.queries[r] for r in rows], lambda i, m: embed(retriever, i, m))
-                found = run.batcher.retrieve(index, queries, examples, rows)
-                for j in range(count):
-                    if examples.gold_ids[rows[j]]:
-                        retrieved.append([run.store.ids[i] for i in found[j] if i >= 0])
-                        gold.append(examples.gold_ids[rows[j]])
-            scores[weight] = evaluation.recall_at_k(retrieved, gold, 5)
-    finally:
-        run.batcher.settings, run.batcher.hybrid_config = saved
+    for weight in weights_:
+        batcher = mode_batcher(run, index, "hybrid", weight)
+        retrieved, gold = [], []
+        for rows, count in eval_batches(len(examples), run.config.batch_size):
+            queries = batcher.embed_query_texts(
+                [examples.queries[r] for r in rows], lambda i, m: embed(retriever, i, m))
+            found = batcher.retrieve(index, queries, examples, rows)
+            for j in range(count):
+                if examples.gold_ids[rows[j]]:
+                    retrieved.append([index.store.ids[i] for i in found[j] if i >= 0])
+                    gold.append(examples.gold_ids[rows[j]])
+        scores[weight] = evaluation.recall_at_k(retrieved, gold, 5)
     best = max(weights_, key=lambda w: (scores[w], -abs(w - 1.0)))
     return best, {str(w): s for w, s in scores.items()}
 
@@ -115,15 +107,15 @@ def refreshed_index(run, params, stale, new_passages: Path):
     # A copy of the stale index (its own store: `add` appends to the store in place).
     live = refresh.HotSwapIndex(passage_index_lib.PassageIndex.from_embeddings(
         passages_lib.PassageStore.from_records(records(stale.store), stale.store.source),
-        np.asarray(stale.embeddings, np.float32), stale.backend.name, run.mesh,
+        np.asarray(stale.embeddings, np.float32), stale.backend.name, run.state.mesh,
         stale.backend.config, tokens=stale.tokens))
     new_records = records(passages_lib.PassageStore.from_jsonl(new_passages))
-    live.update(lambda index: index.add_passages(new_records, run.retriever,
-                                                 params=run.passage_params(params),
+    live.update(lambda index: index.add_passages(new_records, run.state.retriever,
+                                                 params=run.state.passage_params(params),
                                                  batch_size=64))
     index = live.current
     if index.tokens is None or len(index.tokens.lengths) != len(index.store):
-        index.tokens = passage_index_lib.tokenize_store(index.store, run.retriever)
+        index.tokens = passage_index_lib.tokenize_store(index.store, run.state.retriever)
     return index
 
 

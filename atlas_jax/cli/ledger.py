@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    from atlas_jax import ledger_qa
+    from atlas_jax.ledger import qa as ledger_qa
     try:
         qa = ledger_qa.LedgerQA.load(args.run_dir)
         report = qa.sync(args.ledger)

@@ -55,10 +55,12 @@ from typing import Any
 import gin
 import numpy as np
 
-from atlas_jax import demo_args, fileio
-from atlas_jax.demo_eval import (RECALL_KS, baseline_recall, choose_dense_weight,  # noqa: F401
-                                 evaluate_system, refreshed_index, subset, use_index)
-from atlas_jax.demo_args import DEMO_GIN, QUICK_GIN, parse_gin  # noqa: F401 (public names)
+from atlas_jax import fileio
+from atlas_jax.demo import args as demo_args
+from atlas_jax.demo.evaluation import (RECALL_KS, baseline_recall,  # noqa: F401
+                                       choose_dense_weight, evaluate_system, refreshed_index,
+                                       subset)
+from atlas_jax.demo.args import DEMO_GIN, QUICK_GIN, parse_gin  # noqa: F401 (public names)
 
 OUTPUT_KIND = "demo"            # the kind in the folder's .atlas-jax.json marker (fileio)
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
@@ -155,26 +157,6 @@ def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
     return target, vocab_size
 
 
-def ledger_filter_parser(texts, store) -> list[list[str]]:
-    """`TrainConfig.query_filters` for ledger questions: filters parsed from the text."""
-    from atlas_jax_tasks import ledger_query
-    vocabulary = _ledger_vocabulary(store)
-    return [list(ledger_query.parse_query(t, vocabulary).filters) for t in texts]
-
-
-_VOCABULARIES: dict[int, Any] = {}
-
-
-def _ledger_vocabulary(store):
-    from atlas_jax_tasks import ledger_query
-    key = id(store), len(store)
-    if key not in _VOCABULARIES:
-        _VOCABULARIES[key] = ledger_query.LedgerVocabulary.from_records(
-            {"id": i, "metadata": m} for i, m in zip(store.ids, store.metadata))
-    return _VOCABULARIES[key]
-
-
-gin.external_configurable(ledger_filter_parser, module="demo")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -188,36 +170,33 @@ class StageResult:
     metrics_path: Path
 
 
-def _transfer(run, source: dict) -> dict:
-    """`source` params (another stage's groups) laid out as `run`'s groups and shardings."""
+def _transfer(source: dict, groups: dict) -> dict:
+    """`source` params (another stage's groups) as host copies in the groups of `groups`."""
     import jax
-
-    from atlas_jax import partitioning
     retriever = source.get("retriever", source.get("frozen_retriever"))
-    groups = {"reader": source["reader"], "retriever": retriever,
-              "frozen_retriever": retriever,
-              "frozen_passage_tower": source.get("frozen_passage_tower", retriever)}
+    by_name = {"reader": source["reader"], "retriever": retriever,
+               "frozen_retriever": retriever,
+               "frozen_passage_tower": source.get("frozen_passage_tower", retriever)}
     # Host copies: the new run donates its parameters to its train step, and the source
     # stage's arrays are still needed by the other stages that start from them.
-    params = jax.tree.map(np.asarray, {key: groups[key] for key in run.params})
-    return partitioning.shard_params(params, run.param_shardings)
+    return jax.tree.map(np.asarray, {key: by_name[key] for key in groups})
 
 
 def run_stage(name: str, out: Path, init: dict | None, shared: dict) -> StageResult:
     """Trains stage `name` (gin scope of the same name) in DIR/runs/<name>. Stages whose
     passage tower stays the shipped retriever (query-side training, or a frozen retriever) share
     one step-0 index, `shared["index"]`, embedded once."""
-    from atlas_jax import trainer
+    from atlas_jax.train import trainer
+    from atlas_jax.train.indexing import build_index
     began = time.perf_counter()
     with gin.config_scope(name):
         config = trainer.TrainConfig(model_dir=str(out / "runs" / name))
-        run = trainer.build_run(config)
-    if init is not None:
-        run.params = _transfer(run, init)
+        run = trainer.build_run(config, init_params=None if init is None else
+                                (lambda groups: _transfer(init, groups)))
     index = None
     if not config.closed_book and (config.query_side or run.objective.objective == "none"):
         if shared.get("index") is None:
-            shared["index"] = trainer.build_index(run, run.params, 0)
+            shared["index"] = build_index(run, run.state.params, 0)
         index = shared["index"]
     result = trainer.train(run=run, initial_index=index)
     return StageResult(name, run, result.params, time.perf_counter() - began,
@@ -227,8 +206,8 @@ def run_stage(name: str, out: Path, init: dict | None, shared: dict) -> StageRes
 # ----------------------------------------------------------------------------- the demo
 
 def run(args: argparse.Namespace) -> int:
-    from atlas_jax import demo_report
-    from atlas_jax.train_commands import _gin_arguments
+    from atlas_jax.demo import report as demo_report
+    from atlas_jax.cli.train import _gin_arguments
     try:
         files, bindings, paths = _gin_arguments(list(args.gin_flags))
         report = run_demo(Path(args.out), args.quick, files, bindings, paths)
@@ -244,16 +223,37 @@ def run(args: argparse.Namespace) -> int:
 def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
              bindings: list[str] = (), search_paths: list[str] = ()) -> dict:
     """Runs every stage into `out` and returns the report (also written to disk)."""
-    import atlas_jax_tasks
-    from atlas_jax import demo_report, trainer
-    from atlas_jax.train_data import load_examples
-    from atlas_jax_tasks import ledger, ledger_salient, pretraining, vocab
+    from atlas_jax.demo import report as demo_report
     from tqdm import tqdm
 
     began = time.perf_counter()
     timings: dict[str, float] = {}
-    # Arguments first: nothing is written before the gin files and bindings parse and the
-    # output folder is known to be new, empty, or an earlier demo's (fileio policy).
+    config, evaluated, retrieval_runs = _check_arguments(out, quick, gin_files, bindings,
+                                                         search_paths)
+    setup = _set_up(out, quick, gin_files, bindings, search_paths, config, timings)
+    results: dict[str, StageResult] = {}
+    shared: dict[str, Any] = {}
+    for name in tqdm(config.stages, desc="demo stages", unit="stage", dynamic_ncols=True):
+        source = STAGES[name]
+        if source is not None and source not in results:
+            raise ValueError(f"DemoConfig.stages: {name} needs {source} first")
+        result = run_stage(name, out, results[source].params if source else None, shared)
+        results[name] = result
+        timings[name] = result.seconds
+    report = _evaluate(out, config, setup, results, shared, evaluated, retrieval_runs, timings)
+    timings["total"] = time.perf_counter() - began
+    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    report["config"].update(quick=quick, stages={name: _stage_config(r)
+                                                 for name, r in results.items()})
+    demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()},
+                      STAGES)
+    return report
+
+
+def _check_arguments(out: Path, quick: bool, gin_files, bindings, search_paths
+                     ) -> tuple[DemoConfig, list[str], list[str]]:
+    """Arguments first: nothing is written before the gin files and bindings parse and the
+    output folder is known to be new, empty, or an earlier demo's (fileio policy)."""
     fileio.check_output(out, OUTPUT_KIND, legacy=_is_legacy_demo)
     parse_gin(out, quick, gin_files, bindings, search_paths,
               ["LEDGER_DIR = None", "READER_SPM = None", "READER_VOCAB_SIZE = None"])
@@ -274,7 +274,26 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
         raise ValueError(f"DemoConfig.stages = {config.stages}: no fine-tuning stage with "
                          "retrieval to evaluate (add finetune_joint, finetune_frozen or "
                          "finetune_scratch)")
+    return config, evaluated, retrieval_runs
 
+
+@dataclasses.dataclass
+class _Setup:
+    """The generated ledger, its corpus split and question kinds, the reader vocabulary."""
+    summary: dict
+    after: Path
+    n_before: int
+    n_after: int
+    kinds: dict[str, str]
+    reader_vocab_size: int
+
+
+def _set_up(out: Path, quick: bool, gin_files, bindings, search_paths, config: DemoConfig,
+            timings: dict[str, float]) -> _Setup:
+    """The ledger (generated, or kept when it is the same), the corpus split at the cutoff,
+    the reader vocabulary, the gin macros that point at them, the SeqIO tasks."""
+    import atlas_jax_tasks
+    from atlas_jax_tasks import ledger, ledger_salient, pretraining, vocab
     fileio.prepare_output(out, OUTPUT_KIND, legacy=_is_legacy_demo)
     mark = time.perf_counter()
     spm_path, vocab_size = reader_vocabulary_file(out)
@@ -288,8 +307,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     else:
         summary = ledger.generate(ledger_dir, seed=config.seed, start=config.start,
                                   end=config.end, cutoff=config.cutoff)
-    cutoff = summary["args"]["cutoff"]
-    before, after, n_before, n_after = write_corpus_split(ledger_dir, cutoff)
+    before, after, n_before, n_after = write_corpus_split(ledger_dir, summary["args"]["cutoff"])
     timings["ledger"] = time.perf_counter() - mark
 
     parse_gin(out, quick, gin_files, bindings, search_paths,
@@ -307,47 +325,44 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
             kinds[record["id"]] = record["kind"]
     fileio.atomic_write_text(out / "demo.gin", gin.config_str())
     demo_args.save_args(out, quick, gin_files, bindings, search_paths, vocab_size)
+    return _Setup(summary, after, n_before, n_after, kinds, spm_vocab.vocab_size)
 
-    results: dict[str, StageResult] = {}
-    shared: dict[str, Any] = {}
-    for name in tqdm(config.stages, desc="demo stages", unit="stage", dynamic_ncols=True):
-        source = STAGES[name]
-        if source is not None and source not in results:
-            raise ValueError(f"DemoConfig.stages: {name} needs {source} first")
-        result = run_stage(name, out, results[source].params if source else None, shared)
-        results[name] = result
-        timings[name] = result.seconds
 
-    # ---------------------------------------------------------------- evaluation
+def _limited(examples, limit: int | None, seed: int):
+    """A seeded sample of `limit` examples (in their order), or all of them."""
+    if limit is None or limit >= len(examples):
+        return examples
+    return subset(examples, np.sort(np.random.default_rng(seed).permutation(
+        len(examples))[:limit]))
+
+
+def _evaluate(out: Path, config: DemoConfig, setup: _Setup, results: dict, shared: dict,
+              evaluated: list[str], retrieval_runs: list[str], timings: dict) -> dict:
+    """The systems on `test`, the fusion weight chosen on dev, the retriever baseline, and the
+    hot swap (stale vs refreshed index on `new`): the report's contents."""
+    from atlas_jax.train.data import load_examples
+    from atlas_jax.train.indexing import build_index
+    from tqdm import tqdm
     mark = time.perf_counter()
     joint = results[retrieval_runs[-1]]
     run_ = joint.run
-    feature_lengths = run_.config.feature_lengths
-    stale = shared.get("index") or trainer.build_index(run_, joint.params, 0)
-    test = load_examples(run_.config.task, "test", feature_lengths)
-    if config.test_limit is not None and config.test_limit < len(test):
-        test = subset(test, np.sort(np.random.default_rng(config.seed).permutation(
-            len(test))[:config.test_limit]))
-    dev = load_examples(run_.config.task, "validation", feature_lengths,
-                        limit=config.dev_limit)
-    new = load_examples(run_.config.task, "new", feature_lengths)
-    if config.new_limit is not None and config.new_limit < len(new):
-        new = subset(new, np.sort(np.random.default_rng(config.seed).permutation(
-            len(new))[:config.new_limit]))
+    task, lengths = run_.config.task, run_.config.feature_lengths
+    stale = shared.get("index") or build_index(run_, joint.params, 0)
+    test = _limited(load_examples(task, "test", lengths), config.test_limit, config.seed)
+    dev = load_examples(task, "validation", lengths, limit=config.dev_limit)
+    new = _limited(load_examples(task, "new", lengths), config.new_limit, config.seed)
     dense_weight, weight_scores = choose_dense_weight(run_, joint.params, stale, dev,
                                                       config.dense_weights)
     timings["choose_fusion_weight"] = time.perf_counter() - mark
 
-    systems = {}
+    systems, kinds = {}, setup.kinds
     predictions = out / "predictions"
     for system in tqdm(evaluated, desc="evaluate", unit="system", dynamic_ncols=True):
         mark = time.perf_counter()
         stage, mode = SYSTEM_RUNS[system]
-        result = results[stage]
-        use_index(result.run, stale)
-        systems[system] = evaluate_system(result.run, result.params, stale, test, mode,
-                                          predictions / f"{system}_test.jsonl", dense_weight,
-                                          kinds)
+        systems[system] = evaluate_system(results[stage].run, results[stage].params, stale,
+                                          test, mode, predictions / f"{system}_test.jsonl",
+                                          dense_weight, kinds)
         timings[f"eval_{system}"] = time.perf_counter() - mark
 
     baselines = {}
@@ -358,43 +373,37 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
         timings["eval_baseline_retriever"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    use_index(run_, stale)
     stale_new = evaluate_system(run_, joint.params, stale, new, "hybrid",
                                 predictions / "joint_hybrid_new_stale.jsonl", dense_weight,
                                 kinds)
-    fresh = refreshed_index(run_, joint.params, stale, after)
+    fresh = refreshed_index(run_, joint.params, stale, setup.after)
     timings["refresh_index"] = time.perf_counter() - mark
     fresh.save(out / "index_refreshed", dtype="float32", include_bm25=False)
-    use_index(run_, fresh)
     fresh_new = evaluate_system(run_, joint.params, fresh, new, "hybrid",
                                 predictions / "joint_hybrid_new_refreshed.jsonl",
                                 dense_weight, kinds)
     timings["eval_hot_swap"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - began
-
-    report = {
+    return {
         "systems": systems,
         "baseline_retrievers": baselines,
         "hot_swap": {"system": ("joint_hybrid" if "finetune_joint" in results
                                 else f"{retrieval_runs[-1]} (hybrid)"),
                      "stale_em": stale_new["em"],
                      "refreshed_em": fresh_new["em"], "stale": stale_new,
-                     "refreshed": fresh_new, "new_passages": n_after},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+                     "refreshed": fresh_new, "new_passages": setup.n_after},
+        "timings_s": {},
         "config": {
-            "quick": quick, "seed": config.seed, "start": config.start, "end": config.end,
-            "cutoff": cutoff, "passages_before_cutoff": n_before, "passages_new": n_after,
-            "reader_vocab_size": spm_vocab.vocab_size, "test_questions": len(test),
+            "quick": None, "seed": config.seed, "start": config.start, "end": config.end,
+            "cutoff": setup.summary["args"]["cutoff"], "passages_before_cutoff":
+            setup.n_before, "passages_new": setup.n_after,
+            "reader_vocab_size": setup.reader_vocab_size, "test_questions": len(test),
             "new_questions": len(new), "dense_weight": dense_weight,
             "dense_weight_dev_recall_at_5": weight_scores,
-            "stages": {name: _stage_config(r) for name, r in results.items()},
-            "retriever": str(run_.retriever.path),
+            "stages": {},
+            "retriever": str(run_.state.retriever.path),
             "reader": gin.query_parameter("weights.build_reader.checkpoint"),
         },
     }
-    demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()},
-                      STAGES)
-    return report
 
 
 def _is_legacy_demo(folder: Path) -> bool:

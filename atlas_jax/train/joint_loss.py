@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax import objectives
+from atlas_jax.train import objectives
 from atlas_jax.models import fid, retriever as retriever_lib
 
 

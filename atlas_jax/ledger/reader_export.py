@@ -86,7 +86,8 @@ def parameter_shapes(reader) -> dict[str, list[int]]:
 
 def _run_reader(run_dir: Path):
     """(Reader at the run's latest checkpoint, spiece.model path, the run's metrics log)."""
-    from atlas_jax import checkpoints, gin_config, reader_pretrain, weights
+    from atlas_jax import checkpoints, gin_config, weights
+    from atlas_jax.ledger import reader_pretrain
     config_gin = run_dir / "config.gin"
     if not config_gin.is_file():
         raise FileNotFoundError(f"{config_gin}: not found (is {run_dir} a reader "

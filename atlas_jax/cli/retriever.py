@@ -20,13 +20,13 @@ def add_arguments(parser) -> None:
 
 
 def _run_pretrain(args) -> int:
-    from atlas_jax import retriever_pretrain
-    from atlas_jax.reader_commands import run_pretrain
+    from atlas_jax.ledger import retriever_pretrain
+    from atlas_jax.cli.reader import run_pretrain
     return run_pretrain(args, "retriever", "runs/retriever_pretrain.gin",
                         lambda: retriever_pretrain.RetrieverPretrainConfig(),
                         retriever_pretrain.train)
 
 
 def _run_export(args) -> int:
-    from atlas_jax import retriever_export
+    from atlas_jax.ledger import retriever_export
     return retriever_export.main(args)

@@ -20,6 +20,7 @@ reader input length with EOS kept last.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -203,7 +204,8 @@ class RetrievalBatcher:
     def __init__(self, settings: RetrievalSettings, encode_queries: Callable[[list[str]], list],
                  reader_tokens: passages_lib.TokenArray | None,
                  retriever_tokens: passages_lib.TokenArray | None,
-                 query_filters: QueryFilterFn | None = None, hybrid_config: Any = None):
+                 query_filters: QueryFilterFn | None = None, hybrid_config: Any = None,
+                 cache_queries: bool = False):
         self.settings = settings
         self.encode_queries = encode_queries
         self.reader_tokens = reader_tokens
@@ -211,9 +213,28 @@ class RetrievalBatcher:
         self.query_filters = query_filters
         self.hybrid_config = hybrid_config
         self._parsed: dict[str, list[str]] = {}
-        self.cache_queries: dict[str, np.ndarray] | None = None
+        # A frozen query tower: each distinct text embedded once (`embed_query_texts`).
+        self.cache_queries: dict[str, np.ndarray] | None = {} if cache_queries else None
         if retriever_tokens is not None:
             self.passage_width = max(int(np.max(retriever_tokens.lengths, initial=1)), 1)
+
+    def use_index(self, index: Any, reader_tokens: passages_lib.TokenArray | None = None
+                  ) -> "RetrievalBatcher":
+        """Points the batcher at `index`: its retriever tokens (and, for an index over another
+        store, that store's `reader_tokens`, e.g. `reader_token_table(index.store, ...)`)."""
+        self.retriever_tokens = index.tokens
+        self.passage_width = max(int(np.max(index.tokens.lengths, initial=1)), 1)
+        if reader_tokens is not None:
+            self.reader_tokens = reader_tokens
+        return self
+
+    def configured(self, settings: RetrievalSettings, hybrid_config: Any = None
+                   ) -> "RetrievalBatcher":
+        """A batcher with other settings (e.g. a test-time retrieval mode) sharing this one's
+        tokens, parser and caches; this one is left as it is."""
+        view = copy.copy(self)
+        view.settings, view.hybrid_config = settings, hybrid_config
+        return view
 
     def query_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Retriever tokens of the queries, (B, query_length) ids and mask."""
