@@ -20,7 +20,7 @@ MOVED = {
     "reader_commands": "atlas_jax.cli.reader",
     "retriever_commands": "atlas_jax.cli.retriever",
     "ask": "atlas_jax.cli.ask",
-    "demo_args": "atlas_jax.demo.args",
+    "demo_args": "atlas_jax.ledger.run_folder",
     "demo_eval": "atlas_jax.demo.evaluation",
     "demo_report": "atlas_jax.demo.report",
     "ledger_qa": "atlas_jax.ledger.qa",

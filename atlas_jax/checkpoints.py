@@ -91,6 +91,24 @@ class Checkpoints:
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
+    def _restore_part(self, step: int, target: Any) -> Any:
+        """Reads only `target`'s arrays of the step's state (a PyTree handler: orbax's
+        partial restore), through a manager of its own that writes nothing."""
+        abstract = abstract_like(target)
+        manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                create=False, read_only=True, enable_async_checkpointing=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+        try:
+            return manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract, partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+                meta=ocp.args.JsonRestore()))
+        finally:
+            manager.close()
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -102,10 +120,12 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, target: Any, partial: bool = False) -> tuple[Any, dict]:
         """(state placed like `target`, meta). Raises CheckpointMismatchError naming the
         checkpoint and the first array whose shape or dtype differs from `target`, and
-        CheckpointCorruptError when a file of the step is missing, truncated or garbled."""
+        CheckpointCorruptError when a file of the step is missing, truncated or garbled.
+        `partial`: `target` is a part of the saved state (e.g. {"params": ...} without the
+        optimizer state); only its arrays are read."""
         path = self.directory / str(step) / "state"
         self._check_files(step)
         try:
@@ -115,9 +135,9 @@ class Checkpoints:
         if saved is not None:
             _check_fits(saved, target, path)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(target)),
-                meta=ocp.args.JsonRestore()))
+            restored = (self._restore_part(step, target) if partial else self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+                    abstract_like(target)), meta=ocp.args.JsonRestore())))
         except MemoryError:
             raise
         except Exception as e:  # orbax raises bare Exception for TensorStore read errors

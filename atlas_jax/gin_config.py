@@ -75,6 +75,26 @@ def known_macros() -> set[str] | None:
     return names
 
 
+def split_flags(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """t5x-style command-line gin flags -> (gin files, bindings, search paths):
+    `--gin_file=FILE` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths=DIR,...`;
+    ValueError naming anything else."""
+    files, bindings, paths, rest = [], [], [], []
+    for arg in argv:
+        if arg.startswith("--gin_file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--gin_search_paths="):
+            paths += [p for p in arg.split("=", 1)[1].split(",") if p]
+        elif arg.startswith("--gin."):
+            bindings.append(arg)
+        else:
+            rest.append(arg)
+    if rest:
+        raise ValueError(f"unrecognised arguments: {' '.join(rest)} (use --gin_file=FILE, "
+                         "--gin.NAME=VALUE, --gin_search_paths=DIR)")
+    return files, bindings, paths
+
+
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
           search_paths: Sequence[str] = (), finalize: bool = False) -> None:
     """Clears gin and parses `gin_files` then `bindings` (t5x `--gin.NAME=VALUE` strings are

@@ -139,12 +139,8 @@ def build_step_run(config: Any, mesh: Any, rules: Any, params: dict | None = Non
 
 def abstract_opt_state(run: StepParts) -> Any:
     """The optimizer state as ShapeDtypeStructs with the shardings `init_opt_state` gives."""
-    import jax
-
     from atlas_jax.train import steps
-    shardings = steps.opt_state_shardings(run.state, run.optimizer, run.state.params)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        jax.eval_shape(run.optimizer.init, run.state.params), shardings)
+    return steps.abstract_opt_state(run.state, run.optimizer, run.state.params)
 
 
 def check_divides(shapes: StepShapes, mesh_shape: tuple[int, int], reader_config: Any,
@@ -338,10 +334,9 @@ def _reexecute(args: argparse.Namespace, devices: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from atlas_jax import gin_config
-    from atlas_jax.cli.train import _gin_arguments
     try:
         data, model = parse_mesh(args.mesh)
-        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        files, bindings, paths = gin_config.split_flags(list(args.gin_flags))
         if not files:
             raise PlanError("give at least one --gin_file (e.g. --gin_file=models/base.gin "
                             "--gin_file=runs/finetune.gin)")

@@ -140,12 +140,6 @@ class Retriever:
     def model(self) -> retriever_lib.DualEncoder:
         return retriever_lib.DualEncoder(self.config)
 
-    @functools.cached_property
-    def _embed_fns(self):
-        return {tower: jax.jit(functools.partial(self.model.apply, method=method))
-                for tower, method in (("query", self.model.embed_queries),
-                                      ("passage", self.model.embed_passages))}
-
     def tokenize(self, texts: list[str], pad_to_multiple: int = 16):
         """Texts -> (ids, mask) int32 (N, L), L the longest rounded up to `pad_to_multiple`
         (fewer distinct shapes to compile), at most the checkpoint's max length."""
@@ -163,11 +157,18 @@ class Retriever:
 
     def embed_tokens(self, ids, mask, tower: str = "query") -> np.ndarray:
         """Token ids and attention mask (N, L) -> float32 embeddings (N, D)."""
-        if tower not in ("query", "passage"):
+        from atlas_jax import towers
+        if tower not in towers.TOWERS:
             raise ValueError(f"tower must be 'query' or 'passage', got {tower!r}")
-        out = self._embed_fns[tower]({"params": self.params}, jnp.asarray(ids, jnp.int32),
-                                     jnp.asarray(mask, jnp.int32))
-        return np.asarray(out, dtype=np.float32)
+        key = (tower, id(self.params))
+        cached = self.__dict__.get("_placed_towers")
+        if cached is None or cached[0] != key:  # the tower placed once, on this host's devices
+            mesh, rules = towers.local_mesh(), towers.as_rules(None)
+            cached = (key, mesh, rules, towers.place_tower_params(
+                self.config, self.params, tower, mesh, rules))
+            self.__dict__["_placed_towers"] = cached
+        _, mesh, rules, placed = cached
+        return towers.embed_tokens(self.config, placed, ids, mask, tower, mesh, rules)
 
     def embed(self, texts: list[str], tower: str = "query", batch_size: int = 64) -> np.ndarray:
         """Texts -> float32 embeddings (N, D), tokenized with the checkpoint's tokenizer."""

@@ -251,7 +251,7 @@ def demo_folder(trained_run, tmp_path, monkeypatch):
     """A folder laid out like `atlas-jax demo --out` for `ask`: the synthetic run as its
     fine-tuned stage and that run's index as the refreshed one (the demo's gin parsing is
     pointed at the synthetic gin: the demo itself takes minutes)."""
-    from atlas_jax.demo import args as demo_args
+    from atlas_jax.ledger import run_folder as demo_args
     from atlas_jax import gin_config
     out = tmp_path / "demo"
     stage = out / "runs" / "finetune_joint"
@@ -265,7 +265,12 @@ def demo_folder(trained_run, tmp_path, monkeypatch):
 
 
 def test_ask_names_an_unreadable_checkpoint(demo_folder, capsys):
-    truncate(largest_data_file(demo_folder / "runs" / "finetune_joint" / "checkpoints" / "4"))
+    # `ask` reads the parameters only (inference.restore_params): the damage must reach
+    # them, so every data file of the step is emptied, not just half of the largest one
+    # (which may hold only optimizer moments).
+    step = demo_folder / "runs" / "finetune_joint" / "checkpoints" / "4"
+    for data in (p for p in (step / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+        truncate(data, 0)
     assert cli.main(["ask", "--run", str(demo_folder), "what is the answer?"]) == 2
     one_line_error(capsys, "ask", "finetune_joint/checkpoints/4/state", "step 4 is unreadable")
 

@@ -64,3 +64,42 @@ def test_only_the_glue_imports_the_task_package():
                for n in _imports(path)):
             offenders.append(relative)
     assert offenders == []
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] == "atlas_jax_tasks":
+        parts[0] = "tasks"
+    elif parts[0] != "atlas_jax":
+        return None
+    base = ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _closure(start: str) -> set[str]:
+    """Every project module `start` imports, directly or not (function-local imports too)."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                todo.append(node.module)
+                todo.extend(f"{node.module}.{a.name}" for a in node.names)
+    return seen
+
+
+@pytest.mark.parametrize("command", ["atlas_jax.cli.ask", "atlas_jax.ledger.serve"])
+def test_answering_imports_no_trainer_or_demo(command):
+    reached = _closure(command)
+    assert "atlas_jax.ledger.qa" in reached and "atlas_jax.inference" in reached
+    assert sorted(m for m in reached if m == "atlas_jax.train.trainer"
+                  or m.startswith("atlas_jax.demo")) == []

@@ -1,4 +1,4 @@
 """`python -m atlas_jax.cli ARGS`."""
-from atlas_jax.cli.main import entry
+from atlas_jax.cli import entry
 
 entry()

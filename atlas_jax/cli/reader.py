@@ -6,9 +6,6 @@
 """
 from __future__ import annotations
 
-import json
-import sys
-
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="reader_command", required=True)
@@ -24,29 +21,9 @@ def add_arguments(parser) -> None:
 
 def _run_pretrain(args) -> int:
     from atlas_jax.ledger import reader_pretrain
+    from atlas_jax.cli.common import run_pretrain
     return run_pretrain(args, "reader", "runs/reader_pretrain.gin",
                         lambda: reader_pretrain.ReaderPretrainConfig(), reader_pretrain.train)
-
-
-def run_pretrain(args, name: str, default_gin: str, make_config, train) -> int:
-    """`atlas-jax NAME pretrain [gin flags]`: parse the gin files and bindings (default
-    `default_gin`), build the config, train; errors are one line and exit status 2."""
-    from atlas_jax import gin_config
-    from atlas_jax.cli.train import _gin_arguments, unreadable_input_errors
-    try:
-        files, bindings, paths = _gin_arguments(list(args.gin_flags))
-        gin_config.parse(files or [default_gin], bindings, paths)
-        config = make_config()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"atlas-jax {name} pretrain: {e}", file=sys.stderr)
-        return 2
-    try:
-        record = train(config)
-    except unreadable_input_errors() as e:  # e.g. an unreadable checkpoint to resume from
-        print(f"atlas-jax {name} pretrain: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(json.dumps(record))
-    return 0
 
 
 def _run_export(args) -> int:

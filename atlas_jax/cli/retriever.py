@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 
 def _run_pretrain(args) -> int:
     from atlas_jax.ledger import retriever_pretrain
-    from atlas_jax.cli.reader import run_pretrain
+    from atlas_jax.cli.common import run_pretrain
     return run_pretrain(args, "retriever", "runs/retriever_pretrain.gin",
                         lambda: retriever_pretrain.RetrieverPretrainConfig(),
                         retriever_pretrain.train)

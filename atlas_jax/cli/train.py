@@ -17,23 +17,6 @@ import argparse
 import sys
 
 
-def _gin_arguments(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
-    files, bindings, paths, rest = [], [], [], []
-    for arg in argv:
-        if arg.startswith("--gin_file="):
-            files.append(arg.split("=", 1)[1])
-        elif arg.startswith("--gin_search_paths="):
-            paths += [p for p in arg.split("=", 1)[1].split(",") if p]
-        elif arg.startswith("--gin."):
-            bindings.append(arg)
-        else:
-            rest.append(arg)
-    if rest:
-        raise ValueError(f"unrecognised arguments: {' '.join(rest)} (use --gin_file=FILE, "
-                         "--gin.NAME=VALUE, --gin_search_paths=DIR)")
-    return files, bindings, paths
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE, "
                      "--gin_search_paths=DIR,...")
@@ -47,19 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run, takes_gin_flags=True, gin_flags=[])
 
 
-def unreadable_input_errors() -> tuple[type[Exception], ...]:
-    """The errors of files a run reads that cannot be used (a corrupt or mismatched
-    checkpoint, index, reader or passages file); each names the file in one line."""
-    from atlas_jax import checkpoints, weights
-    from atlas_jax.index import passage_index, passages
-    return (checkpoints.CheckpointCorruptError, checkpoints.CheckpointMismatchError,
-            weights.CheckpointError, passage_index.IndexLoadError, passages.PassageFileError)
-
-
 def run(args: argparse.Namespace) -> int:
     from atlas_jax import distributed, gin_config
+    from atlas_jax.cli import common
     try:
-        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        files, bindings, paths = gin_config.split_flags(list(args.gin_flags))
         if not files:
             raise ValueError("give at least one --gin_file (e.g. --gin_file=runs/synthetic.gin)")
         gin_config.parse(files, bindings, paths)
@@ -90,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             result = trainer.train(config)
         else:
             metrics = trainer.evaluate_checkpoint(config, infer=args.command == "infer")
-    except unreadable_input_errors() as e:  # a checkpoint, index or reader that won't load
+    except common.unreadable_input_errors() as e:  # a checkpoint, index or reader that won't load
         # One line: gin appends "In call to configurable ..." lines to errors it passes on.
         print(f"atlas-jax {args.command}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

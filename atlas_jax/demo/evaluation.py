@@ -74,9 +74,9 @@ def choose_dense_weight(run, params, index, examples, weights_: tuple[float, ...
                         ) -> tuple[float, dict[str, float]]:
     """The fusion weight (BM25 at 1) with the best recall@5 on `examples` (dev)."""
     from atlas_jax import evaluation
-    from atlas_jax.train import steps
+    from atlas_jax import inference
     from atlas_jax.train.data import eval_batches
-    embed = steps.make_embed_fn(run.state, "query")
+    embed = inference.embed_fn(run.state, "query")
     retriever = params[run.state.retriever_key]
     scores = {}
     for weight in weights_:

@@ -56,33 +56,16 @@ import gin
 import numpy as np
 
 from atlas_jax import fileio
-from atlas_jax.demo import args as demo_args
+from atlas_jax.ledger import run_folder as demo_args
 from atlas_jax.demo.evaluation import (RECALL_KS, baseline_recall,  # noqa: F401
                                        choose_dense_weight, evaluate_system, refreshed_index,
                                        subset)
-from atlas_jax.demo.args import DEMO_GIN, QUICK_GIN, parse_gin  # noqa: F401 (public names)
+from atlas_jax.ledger.run_folder import DEMO_GIN, QUICK_GIN, parse_gin  # noqa: F401 (public names)
+from atlas_jax.demo.stages import (STAGES, SYSTEM_RUNS, StageResult, run_stage,  # noqa: F401
+                                   stage_config)
 
 OUTPUT_KIND = "demo"            # the kind in the folder's .atlas-jax.json marker (fileio)
 SYSTEMS = ("closed_book", "frozen_retriever", "no_pretraining", "joint", "joint_hybrid")
-# stage -> the stage whose parameters it starts from (None: the shipped reader and retriever)
-STAGES = {
-    "pretrain_joint": None,
-    "pretrain_frozen": None,
-    "finetune_joint": "pretrain_joint",
-    "finetune_frozen": "pretrain_frozen",
-    "finetune_scratch": None,
-    "finetune_closed_book": "pretrain_joint",
-}
-# system -> (fine-tuning stage, retrieval at test time)
-SYSTEM_RUNS = {
-    "closed_book": ("finetune_closed_book", "closed_book"),
-    "frozen_retriever": ("finetune_frozen", "dense"),
-    "no_pretraining": ("finetune_scratch", "dense"),
-    "joint": ("finetune_joint", "dense"),
-    "joint_hybrid": ("finetune_joint", "hybrid"),
-}
-
-
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
@@ -157,59 +140,13 @@ def reader_vocabulary_file(out: Path) -> tuple[Path, int]:
     return target, vocab_size
 
 
-
-
-# ----------------------------------------------------------------------------- stages
-
-@dataclasses.dataclass
-class StageResult:
-    name: str
-    run: Any
-    params: dict
-    seconds: float
-    metrics_path: Path
-
-
-def _transfer(source: dict, groups: dict) -> dict:
-    """`source` params (another stage's groups) as host copies in the groups of `groups`."""
-    import jax
-    retriever = source.get("retriever", source.get("frozen_retriever"))
-    by_name = {"reader": source["reader"], "retriever": retriever,
-               "frozen_retriever": retriever,
-               "frozen_passage_tower": source.get("frozen_passage_tower", retriever)}
-    # Host copies: the new run donates its parameters to its train step, and the source
-    # stage's arrays are still needed by the other stages that start from them.
-    return jax.tree.map(np.asarray, {key: by_name[key] for key in groups})
-
-
-def run_stage(name: str, out: Path, init: dict | None, shared: dict) -> StageResult:
-    """Trains stage `name` (gin scope of the same name) in DIR/runs/<name>. Stages whose
-    passage tower stays the shipped retriever (query-side training, or a frozen retriever) share
-    one step-0 index, `shared["index"]`, embedded once."""
-    from atlas_jax.train import trainer
-    from atlas_jax.train.indexing import build_index
-    began = time.perf_counter()
-    with gin.config_scope(name):
-        config = trainer.TrainConfig(model_dir=str(out / "runs" / name))
-        run = trainer.build_run(config, init_params=None if init is None else
-                                (lambda groups: _transfer(init, groups)))
-    index = None
-    if not config.closed_book and (config.query_side or run.objective.objective == "none"):
-        if shared.get("index") is None:
-            shared["index"] = build_index(run, run.state.params, 0)
-        index = shared["index"]
-    result = trainer.train(run=run, initial_index=index)
-    return StageResult(name, run, result.params, time.perf_counter() - began,
-                       out / "runs" / name / "metrics.jsonl")
-
-
 # ----------------------------------------------------------------------------- the demo
 
 def run(args: argparse.Namespace) -> int:
     from atlas_jax.demo import report as demo_report
-    from atlas_jax.cli.train import _gin_arguments
+    from atlas_jax import gin_config
     try:
-        files, bindings, paths = _gin_arguments(list(args.gin_flags))
+        files, bindings, paths = gin_config.split_flags(list(args.gin_flags))
         report = run_demo(Path(args.out), args.quick, files, bindings, paths)
     except (ValueError, FileNotFoundError) as e:
         print(f"atlas-jax demo: {e}", file=sys.stderr)
@@ -243,7 +180,7 @@ def run_demo(out: Path, quick: bool = False, gin_files: list[str] = (),
     report = _evaluate(out, config, setup, results, shared, evaluated, retrieval_runs, timings)
     timings["total"] = time.perf_counter() - began
     report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    report["config"].update(quick=quick, stages={name: _stage_config(r)
+    report["config"].update(quick=quick, stages={name: stage_config(r)
                                                  for name, r in results.items()})
     demo_report.write(out, report, {name: r.metrics_path for name, r in results.items()},
                       STAGES)
@@ -422,15 +359,3 @@ def _same_ledger(ledger_dir: Path, config: DemoConfig) -> bool:
     return (args.get("seed") == config.seed and args.get("start") == config.start
             and args.get("end") == config.end
             and (config.cutoff is None or args.get("cutoff") == config.cutoff))
-
-
-def _stage_config(result: StageResult) -> dict:
-    c, o = result.run.config, result.run.optimizer_config
-    return {"task": c.task, "split": c.train_split, "steps": c.train_steps,
-            "batch_size": c.batch_size, "n_context": c.n_context,
-            "retriever_n_context": c.retriever_n_context, "query_side": c.query_side,
-            "closed_book": c.closed_book, "objective": result.run.objective.objective,
-            "reader_lr": o.reader_learning_rate, "retriever_lr": o.retriever_learning_rate,
-            "params": {k: int(sum(np.size(x) for x in __import__("jax").tree.leaves(v)))
-                       for k, v in result.params.items()},
-            "seconds": round(result.seconds, 1)}

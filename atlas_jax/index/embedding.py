@@ -14,18 +14,15 @@ passage i.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from atlas_jax import distributed, partitioning
+from atlas_jax import distributed, partitioning, towers
 from atlas_jax.index import passages
 from atlas_jax.models import retriever as retriever_lib
 from atlas_jax.weights import Retriever
@@ -89,55 +86,6 @@ def bucket_length(longest: int, limit: int, step: int = 4) -> int:
     return min(-(-longest // granularity) * granularity, limit)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_tower(config: retriever_lib.RetrieverConfig, tower: str, mesh: Mesh, rules: tuple,
-                    batch: int, length: int, param_signature: tuple, precision: Any) -> Any:
-    """The passage (or query) tower compiled for ids and mask (batch, length) on `mesh`
-    (`precision`: the jax_default_matmul_precision it is traced under, part of the key)."""
-    model = retriever_lib.DualEncoder(config)
-    treedef, leaves = param_signature
-    abstract_params = jax.tree.unflatten(treedef, [
-        jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for shape, dtype, sharding in leaves])
-    data_sharding = NamedSharding(mesh, PartitionSpec("data", None))
-    method = model.embed_passages if tower == "passage" else model.embed_queries
-
-    def embed(params, ids, mask):  # (batch, length) x2 -> (batch, D) float32
-        return model.apply({"params": params}, ids, mask, method=method)
-
-    token_struct = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=data_sharding)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(embed, out_shardings=data_sharding).lower(
-            abstract_params, token_struct, token_struct).compile()
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shardings(config: retriever_lib.RetrieverConfig, mesh: Mesh, rules: tuple) -> Any:
-    """NamedShardings of the whole DualEncoder parameter tree under `rules`."""
-    ones = jnp.ones((1, 4), jnp.int32)
-    return partitioning.param_shardings(
-        lambda rng: retriever_lib.DualEncoder(config).init(rng, ones, ones, ones, ones),
-        mesh, rules)
-
-
-def _place_tower_params(retriever: Retriever, params: Any, tower: str, mesh: Mesh,
-                        rules: tuple) -> Any:
-    """The subtree the tower reads (`encoder` or `{tower}_encoder`), placed on `mesh` by the
-    logical axis rules (a no-op for parameters already placed that way)."""
-    name = "encoder" if retriever.config.shared_towers else f"{tower}_encoder"
-    params = nn.meta.unbox(params)
-    if name not in params:
-        raise ValueError(f"retriever parameters have no {name!r} subtree (found "
-                         f"{sorted(params)}); shared_towers={retriever.config.shared_towers}")
-    shardings = _param_shardings(retriever.config, mesh, rules)
-    return partitioning.shard_params({name: params[name]}, {name: shardings[name]})
-
-
-def _param_signature(params: Any) -> tuple:
-    leaves, treedef = jax.tree.flatten(params)
-    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), x.sharding) for x in leaves)
-
-
 def _check_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarray,
                   tower: str) -> tuple[np.ndarray, int]:
     """Validates `embed_corpus`'s inputs: (lengths (N,) int64, limit), limit being the longest
@@ -162,10 +110,10 @@ def _compile_buckets(config: retriever_lib.RetrieverConfig, tower: str, mesh: Me
                      rules: tuple, batch: int, bucket_of: Sequence[int],
                      signature: tuple) -> dict[int, Any]:
     """{bucket length: the tower compiled for (batch, length)}, one per distinct length in
-    `bucket_of` (cached across calls by `_compiled_tower`)."""
+    `bucket_of` (cached across calls by `towers.compiled_tower`)."""
     precision = jax.config.jax_default_matmul_precision
-    return {length: _compiled_tower(config, tower, mesh, rules, batch, length, signature,
-                                    precision)
+    return {length: towers.compiled_tower(config, tower, mesh, rules, batch, length, signature,
+                                          precision)
             for length in sorted(set(bucket_of))}
 
 
@@ -227,13 +175,12 @@ def embed_corpus(retriever: Retriever, token_ids: np.ndarray, lengths: np.ndarra
     num_passages = token_ids.shape[0]
     start_time = time.perf_counter()
     mesh = mesh if mesh is not None else partitioning.create_mesh((-1, 1))
-    rules = tuple(tuple(r) for r in (rules if rules is not None
-                                     else partitioning.standard_logical_axis_rules()))
+    rules = towers.as_rules(rules)
     data_size = mesh.shape["data"]
     batch = -(-max(int(batch_size), 1) // data_size) * data_size
-    tower_params = _place_tower_params(
-        retriever, retriever.params if params is None else params, tower, mesh, rules)
-    signature = _param_signature(tower_params)
+    tower_params = towers.place_tower_params(
+        retriever.config, retriever.params if params is None else params, tower, mesh, rules)
+    signature = towers.param_signature(tower_params)
 
     order = np.argsort(-lengths, kind="stable")  # longest first
     starts = range(0, num_passages, batch)

@@ -67,14 +67,15 @@ def read_json(path: Path, required: tuple[str, ...]) -> dict:
 
 
 def _restore(run_dir: Path):
-    """(trainer Run, params) of the demo's fine-tuned stage, parsed from the run folder's own
-    gin (paths resolved inside `run_dir`, so the folder can move)."""
+    """The `Inference` of the demo's fine-tuned stage (its latest checkpoint, parameters only),
+    parsed from the run folder's own gin (paths resolved inside `run_dir`, so the folder can
+    move)."""
     import gin
 
     import atlas_jax_tasks
-    from atlas_jax import checkpoints
-    from atlas_jax.demo import args as demo_args
-    from atlas_jax.train import steps, trainer
+    from atlas_jax.inference import Inference
+    from atlas_jax.ledger import run_folder as demo_args
+    from atlas_jax.train.config import TrainConfig
     args_path = run_dir / "demo_args.json"
     if not args_path.is_file():
         raise LedgerQAError(f"{args_path}: not found; --run must be a folder written by "
@@ -83,19 +84,12 @@ def _restore(run_dir: Path):
     demo_args.parse_run_gin(run_dir, args)
     atlas_jax_tasks.register_configured_tasks()
     with gin.config_scope(STAGE):
-        config = trainer.TrainConfig(model_dir=str(run_dir / "runs" / STAGE))
-        run = trainer.build_run(config)
-    ckpt = checkpoints.Checkpoints(config.run_dir / "checkpoints", config.max_to_keep)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
+        config = TrainConfig(model_dir=str(run_dir / "runs" / STAGE))
+        try:
+            return Inference.restore(config)
+        except FileNotFoundError:
             raise LedgerQAError(f"{config.run_dir / 'checkpoints'}: no checkpoint (the demo did "
-                                "not finish its fine-tuning stage)")
-        opt_state = steps.init_opt_state(run.state, run.optimizer, run.state.params)
-        state, _ = ckpt.restore(step, {"params": run.state.params, "opt_state": opt_state})
-    finally:
-        ckpt.close()
-    return run, state["params"]
+                                "not finish its fine-tuning stage)") from None
 
 
 def use_compilation_cache(run_dir: str | Path) -> None:
@@ -128,28 +122,27 @@ def _dense_weight(run_dir: Path) -> float:
 class LedgerQA:
     """A demo run loaded for answering; see the module docstring."""
 
-    def __init__(self, run_dir: Path, run: Any, params: dict, index: Any, dense_weight: float,
+    def __init__(self, run_dir: Path, model: Any, index: Any, dense_weight: float,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE):
         from atlas_jax.index import refresh
-        self.run_dir, self.run, self.params = Path(run_dir), run, params
+        self.run_dir, self.model = Path(run_dir), model     # model: inference.Inference
         self.dense_weight, self.min_confidence = dense_weight, min_confidence
         self.base_index = index                 # the run's own index (the demo ledger's)
         self.holder = refresh.HotSwapIndex(self.prepare(index))
         self._model_lock = threading.Lock()     # one model call at a time (2 cores)
         self._sync_lock = threading.Lock()
-        self._compiled: dict = {}
 
     @classmethod
     def load(cls, run_dir: str | Path, min_confidence: float = DEFAULT_MIN_CONFIDENCE
              ) -> "LedgerQA":
         from atlas_jax.index import passage_index
         run_dir = Path(run_dir).absolute()
-        run, params = _restore(run_dir)
+        model = _restore(run_dir)
         index_dir = run_dir / INDEX_FOLDER
         if not index_dir.is_dir():
             raise LedgerQAError(f"{index_dir}: not found (the demo writes it after evaluation)")
-        index = passage_index.PassageIndex.load(index_dir, mesh=run.state.mesh)
-        return cls(run_dir, run, params, index, _dense_weight(run_dir), min_confidence)
+        index = passage_index.PassageIndex.load(index_dir, mesh=model.state.mesh)
+        return cls(run_dir, model, index, _dense_weight(run_dir), min_confidence)
 
     # ---------------------------------------------------------------- index versions
     def prepare(self, index: Any, ledger: str | None = None,
@@ -157,8 +150,7 @@ class LedgerQA:
         """An `IndexVersion` of `index` with its BM25 index and metadata table built."""
         from atlas_jax.train.data import reader_token_table
         from atlas_jax_tasks import ledger_query
-        tokens = reader_token_table(index.store, self.run.vocabulary,
-                                    int(self.run.config.feature_lengths["inputs"]))
+        tokens = reader_token_table(index.store, self.model.vocabulary, self.model.reader_length)
         vocabulary = ledger_query.LedgerVocabulary.from_records(
             {"id": i, "metadata": m} for i, m in zip(index.store.ids, index.store.metadata))
         index.bm25, index.metadata_table  # noqa: B018 (built now, not by the first search)
@@ -173,7 +165,7 @@ class LedgerQA:
             current = self.holder.current     # only syncs replace it, and they hold the lock
             index, report = ledger_sync.sync_run_index(
                 self.run_dir, self.base_index, ledger_file, self.embed_records,
-                persist=persist, mesh=self.run.state.mesh,
+                persist=persist, mesh=self.model.state.mesh,
                 current=current.index if current.ledger == ledger_file else None)
             version = self.prepare(index, ledger_file, report)
             report["version"] = self.holder.swap(version)
@@ -184,59 +176,27 @@ class LedgerQA:
         """Passage embeddings of ledger records (not under the model lock: a sync never
         holds answers up; XLA shares the cores)."""
         from atlas_jax.ledger import sync as ledger_sync
-        return ledger_sync.embed_records(self.run.state.retriever, self.run.state.passage_params(
-            self.params), records, self.run.state.mesh)
+        state = self.model.state
+        return ledger_sync.embed_records(state.retriever, state.passage_params(state.params),
+                                         records, state.mesh)
 
     def _embed_query(self, question: str) -> np.ndarray:
-        from atlas_jax.train import steps
-        embed = steps.make_embed_fn(self.run.state, "query")
-        ids, mask = self.run.batcher.query_tokens([question])
         with self._model_lock:
-            return embed(self.params[self.run.state.retriever_key], ids, mask)
+            return self.model.embed_queries([question])
 
     def _read(self, reader_ids: np.ndarray) -> tuple[list[int], float]:
         """Greedy answer tokens (EOS included) and the reader's per-token likelihood of them
         (geometric mean, teacher-forced), both jit on the mesh."""
-        from atlas_jax.train import steps
-        target_length = int(self.run.config.feature_lengths["targets"])
-        batch = self.run.state.mesh.shape["data"]
+        batch = self.model.state.mesh.shape["data"]
         padded = np.repeat(reader_ids, batch, axis=0)
-        generate = steps.make_generate_fn(self.run.state, target_length)
         with self._model_lock:
-            tokens = list(generate(self.params["reader"], padded)[0])
+            tokens = list(self.model.generate(padded)[0])
             generated = tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
-            targets = np.zeros((batch, target_length), np.int32)
+            targets = np.zeros((batch, self.model.target_length), np.int32)
             targets[:, :len(generated)] = generated
-            token_logp = self._score_fn()(self.params["reader"], padded, targets)[0]
+            token_logp = self.model.score(padded, targets)[0]
         mean = float(np.asarray(token_logp)[:len(generated)].mean()) if generated else -np.inf
         return generated, float(np.exp(mean))
-
-    def _score_fn(self):
-        if "score" not in self._compiled:
-            import flax.linen as nn
-            import jax
-            import jax.numpy as jnp
-
-            from atlas_jax import distributed, partitioning
-            model, state = self.run.state.models.reader, self.run.state
-
-            @jax.jit
-            def score(params, reader_ids, targets):
-                decoder_inputs = jnp.concatenate(
-                    [jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
-                logits = model.apply({"params": params}, reader_ids, decoder_inputs,
-                                     deterministic=True)
-                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-            def call(params, reader_ids, targets):
-                with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
-                    out = score(params, jax.device_put(
-                        reader_ids, partitioning.batch_sharding(state.mesh, 3)),
-                        jax.device_put(targets, partitioning.batch_sharding(state.mesh, 2)))
-                return distributed.host_array(out)
-            self._compiled["score"] = call
-        return self._compiled["score"]
 
     # ---------------------------------------------------------------- answering
     def answer(self, question: str, k: int | None = None) -> dict:
@@ -245,11 +205,10 @@ class LedgerQA:
         from atlas_jax.index import hybrid
         from atlas_jax.train.data import reader_inputs
         from atlas_jax_tasks import ledger_query
-        from atlas_jax.vocabulary import strip_sentinels
         if not isinstance(question, str) or not question.strip():
             raise LedgerQAError("the question is empty")
         started = time.perf_counter()
-        n_context = self.run.config.n_context
+        n_context = self.model.n_context
         k = max(k or n_context, 1)
         query = self._embed_query(question)
         config = hybrid.HybridConfig(dense_weight=self.dense_weight, bm25_weight=1.0)
@@ -267,11 +226,10 @@ class LedgerQA:
             rows = np.full((1, n_context), -1)
             rows[0, :min(n_context, len(found))] = found[:n_context]
             prompt = f"question: {question.strip()} answer: <extra_id_0>"
-            prompts = [np.asarray(self.run.vocabulary.encode(prompt), np.int32)]
-            ids = reader_inputs(prompts, rows, current.reader_tokens,
-                                int(self.run.config.feature_lengths["inputs"]))
+            prompts = [np.asarray(self.model.vocabulary.encode(prompt), np.int32)]
+            ids = reader_inputs(prompts, rows, current.reader_tokens, self.model.reader_length)
         generated, confidence = self._read(ids)
-        text = strip_sentinels(self.run.vocabulary.decode([t for t in generated if t != 1]))
+        text = self.model.decode(generated)
         checked = ledger_checks.check_answer(text, parsed.answer_type, evidence, confidence,
                                              self.min_confidence,
                                              list(parsed.filters) if unmatched else None)

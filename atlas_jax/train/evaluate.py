@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas_jax import distributed, evaluation, fileio
-from atlas_jax.train import steps
+from atlas_jax import distributed, evaluation, fileio, inference
 from atlas_jax.train.data import Examples, eval_batches
 
 
@@ -19,8 +18,8 @@ def predictions(run: Any, params: dict, index: Any, examples: Examples, batcher:
     from atlas_jax.vocabulary import strip_sentinels
     config, state = run.config, run.state
     batcher = batcher or run.batcher
-    generate = steps.make_generate_fn(state, int(config.feature_lengths["targets"]))
-    embed_queries = steps.make_embed_fn(state, "query")
+    generate = inference.generate_fn(state, int(config.feature_lengths["targets"]))
+    embed_queries = inference.embed_fn(state, "query")
     retriever_params = params[state.retriever_key]
     n_context = config.n_context if not config.closed_book else 1
     records = []

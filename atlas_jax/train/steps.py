@@ -1,18 +1,15 @@
-"""The jit functions on the mesh: the train step, the optimizer state's initialisation, query /
-passage embedding and greedy generation. Each takes a `state.ModelState`; the embed and
-generate functions are built once per state (and its `with_params` copies)."""
+"""The train step on the mesh and the optimizer state's initialisation, for a
+`state.ModelState` (embedding and generation, which evaluation and `ask` share, are in
+`atlas_jax.inference`)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from atlas_jax import distributed, partitioning
-from atlas_jax.models import decoding
+from atlas_jax import partitioning
 from atlas_jax.train import joint_loss, objectives, optimization
 from atlas_jax.train.state import ModelState
 
@@ -64,63 +61,18 @@ def opt_state_shardings(state: ModelState, optimizer: optax.GradientTransformati
         jax.eval_shape(optimizer.init, params), state.param_shardings, state.mesh)
 
 
+def abstract_opt_state(state: ModelState, optimizer: optax.GradientTransformation,
+                       params: Any) -> Any:
+    """The optimizer state as ShapeDtypeStructs with the shardings `init_opt_state` gives
+    (a restore target, or `plan`'s input), nothing allocated."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(optimizer.init, params),
+                        opt_state_shardings(state, optimizer, params))
+
+
 def init_opt_state(state: ModelState, optimizer: optax.GradientTransformation,
                    params: dict) -> Any:
     """The optimizer state, laid out like the parameters (`opt_state_shardings`)."""
     with jax.set_mesh(state.mesh):
         return jax.jit(optimizer.init, out_shardings=opt_state_shardings(
             state, optimizer, params))(params)
-
-
-def make_embed_fn(state: ModelState, tower: str) -> Callable:
-    """(params, ids, mask) -> (B, D) numpy, jit on the mesh, batch over 'data' (one per state
-    and tower)."""
-    if ("embed", tower) not in state.compiled:
-        state.compiled["embed", tower] = _make_embed_fn(state, tower)
-    return state.compiled["embed", tower]
-
-
-def _make_embed_fn(state: ModelState, tower: str) -> Callable:
-    model = state.models.retriever
-    method = model.embed_queries if tower == "query" else model.embed_passages
-    sharding = NamedSharding(state.mesh, PartitionSpec("data", None))
-
-    @jax.jit
-    def embed(params, ids, mask):
-        return model.apply({"params": params}, ids, mask, method=method)
-
-    data = state.mesh.shape["data"]
-
-    def call(params, ids, mask):
-        count = len(ids)
-        pad = -count % data
-        if pad:
-            ids = np.concatenate([ids, np.zeros((pad,) + ids.shape[1:], ids.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad,) + mask.shape[1:], mask.dtype)])
-        with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
-            out = embed(params, jax.device_put(ids, sharding), jax.device_put(mask, sharding))
-        return distributed.host_array(out).astype(np.float32)[:count]
-    return call
-
-
-def make_generate_fn(state: ModelState, max_length: int) -> Callable:
-    """(reader params, reader ids (B, K, L)) -> greedy tokens (B, max_length) numpy (one per
-    state and length)."""
-    if ("generate", max_length) not in state.compiled:
-        state.compiled["generate", max_length] = _make_generate_fn(state, max_length)
-    return state.compiled["generate", max_length]
-
-
-def _make_generate_fn(state: ModelState, max_length: int) -> Callable:
-    model = state.models.reader
-
-    @jax.jit
-    def generate(params, passage_ids):
-        return decoding.generate_from_passages(model, params, passage_ids, max_length)
-
-    def call(params, passage_ids):
-        with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
-            out = generate(params, jax.device_put(
-                passage_ids, partitioning.batch_sharding(state.mesh, 3)))
-        return distributed.host_array(out)
-    return call

@@ -39,89 +39,19 @@ import numpy as np
 import optax
 
 from atlas_jax import checkpoints as checkpoints_lib
-from atlas_jax import distributed, fileio, partitioning, weights
+from atlas_jax import distributed, fileio, inference, partitioning, weights
 from atlas_jax.index import hybrid as hybrid_lib
 from atlas_jax.index import passage_index as passage_index_lib
 from atlas_jax.index import passages as passages_lib
 from atlas_jax.index import refresh as refresh_lib
 from atlas_jax.models import fid
 from atlas_jax.train import joint_loss, objectives, optimization, steps
-from atlas_jax.train.data import (RetrievalBatcher, RetrievalSettings, batch_rows,
+from atlas_jax.train.data import (RetrievalBatcher, batch_rows,
                                   load_examples, reader_token_table)
+from atlas_jax.train.config import TrainConfig  # noqa: F401 (gin: trainer.TrainConfig)
 from atlas_jax.train.evaluate import evaluate
 from atlas_jax.train.indexing import build_index, index_path, load_index, prune_indexes, save_index
 from atlas_jax.train.state import ModelState, build_state, param_groups
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A run (t5x-style macros: MODEL_DIR, TRAIN_STEPS, MIXTURE_OR_TASK_NAME,
-    TASK_FEATURE_LENGTHS); see gin/runs/*.gin."""
-    model_dir: str | None = None              # MODEL_DIR
-    train_steps: int = 0
-    task: str | None = None
-    feature_lengths: Any = None              # {"inputs": L, "targets": T}
-    train_split: str = "train"
-    eval_split: str = "validation"
-    infer_split: str = "test"
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    eval_every: int = 0                       # 0: only at the last step (and the start)
-    eval_at_start: bool = True
-    eval_limit: int | None = None
-    recall_ks: tuple[int, ...] = (1, 5, 10, 20)
-    log_every: int = 10
-    checkpoint_every: int = 100
-    max_to_keep: int | None = 3
-    seed: int = 0
-    passages_file: str | None = None          # the corpus (or a prebuilt index: index_dir)
-    index_dir: str | None = None
-    n_context: int = 10
-    retriever_n_context: int = 10
-    rerank_n: int = 0
-    query_length: int = 64
-    query_side: bool = False
-    closed_book: bool = False
-    use_filters: bool = True
-    filter_mode: str = "strict"               # or "prefer": filtered passages first, then others
-    exclude_source: bool = True               # pretraining: never retrieve the source passage
-    query_filters: Any = None                 # (texts, store) -> filters parsed from the text
-    reader_builder: Callable[[], weights.Reader] | None = None
-    retriever_builder: Callable[[], weights.Retriever] | None = None
-    nan_steps: tuple[int, ...] = ()           # testing: make the loss NaN at these steps
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self):
-        def fail(field, why):
-            raise ValueError(f"TrainConfig.{field} = {getattr(self, field)!r}: {why}")
-        if not isinstance(self.model_dir, (str, Path)) or not str(self.model_dir):
-            fail("model_dir", "bind MODEL_DIR (--gin.MODEL_DIR=\"'/path/to/run'\")")
-        if not isinstance(self.train_steps, int) or self.train_steps < 0:
-            fail("train_steps", "must be >= 0 (TRAIN_STEPS)")
-        if not isinstance(self.task, str) or not self.task:
-            fail("task", "bind MIXTURE_OR_TASK_NAME")
-        if not isinstance(self.feature_lengths, dict) or not {"inputs", "targets"} <= set(
-                self.feature_lengths):
-            fail("feature_lengths", "TASK_FEATURE_LENGTHS must be {'inputs': L, 'targets': T}")
-        if self.batch_size <= 0:
-            fail("batch_size", "must be positive")
-        if not self.closed_book and not (self.passages_file or self.index_dir):
-            fail("passages_file", "bind PASSAGES_FILE or TrainConfig.index_dir (or set "
-                 "closed_book = True)")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.model_dir)
-
-    def settings(self) -> RetrievalSettings:
-        return RetrievalSettings(
-            n_context=self.n_context, retriever_n_context=self.retriever_n_context,
-            rerank_n=self.rerank_n, query_length=self.query_length,
-            reader_length=int(self.feature_lengths["inputs"]), closed_book=self.closed_book,
-            use_filters=self.use_filters, filter_mode=self.filter_mode,
-            exclude_source=self.exclude_source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,8 +319,8 @@ def train(config: TrainConfig | None = None, run: Run | None = None,
     step_fn = steps.make_train_step(state, run.objective, run.optimizer, run.n_context,
                                     loop.opt_state)
     keep = distributed.local_batch_positions(state.mesh, config.batch_size)
-    embed_queries = steps.make_embed_fn(state, "query")
-    embed_passages = steps.make_embed_fn(state, "passage")
+    embed_queries = inference.embed_fn(state, "query")
+    embed_passages = inference.embed_fn(state, "passage")
     base_rng = jax.random.key(config.seed)
     records, evals, window = [], {}, []
     wall_start = time.perf_counter()
@@ -454,9 +384,13 @@ def evaluate_checkpoint(config: TrainConfig | None = None, infer: bool = False
     if step is None:
         raise FileNotFoundError(f"{config.run_dir / 'checkpoints'}: no checkpoint to evaluate "
                                 "(train first, or point MODEL_DIR at a run)")
-    opt_state = steps.init_opt_state(run.state, run.optimizer, run.state.params)
-    state, meta = ckpt.restore(step, {"params": run.state.params, "opt_state": opt_state})
-    ckpt.close()
+    # The whole step is read (a damaged one is reported, never half used), into the
+    # optimizer state's shapes: no optimizer state is built for it.
+    opt_state = steps.abstract_opt_state(run.state, run.optimizer, run.state.params)
+    try:
+        state, meta = ckpt.restore(step, {"params": run.state.params, "opt_state": opt_state})
+    finally:
+        ckpt.close()
     params, index = state["params"], None
     if not config.closed_book:
         index_step = int(meta["index_step"])

@@ -1,4 +1,5 @@
-"""The demo's gin and the arguments a run folder keeps to be reloaded (`demo_args.json`).
+"""A demo run folder: the demo's gin and the arguments the folder keeps to be reloaded
+(`demo_args.json`). The demo writes it; `ask`, `serve` and `ledger sync` read it back.
 
 A run folder is relocatable: `demo_args.json` stores the user's gin files as copies inside
 the folder (`gin/NN_<name>`, paths relative to it), search paths made absolute, and the
