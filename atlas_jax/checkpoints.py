@@ -93,11 +93,12 @@ class Checkpoints:
 
     def _restore_part(self, step: int, target: Any) -> Any:
         """Reads only `target`'s arrays of the step's state (a PyTree handler: orbax's
-        partial restore), through a manager of its own that writes nothing."""
+        partial restore), through a manager of its own that only restores (orbax's read_only
+        option would log two warnings on every `ask`)."""
         abstract = abstract_like(target)
         manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                create=False, read_only=True, enable_async_checkpointing=False),
+                create=False, max_to_keep=None, enable_async_checkpointing=False),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         try:
