@@ -6,7 +6,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean reader retriever
+.PHONY: demo test install clean reader retriever bench-data
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ retriever: $(STAMP)
 		--gin.MODEL_DIR="'$(abspath $(RETRIEVER_RUN))'"
 	XLA_FLAGS= $(VENV)/bin/atlas-jax retriever export --run $(RETRIEVER_RUN) \
 		--out atlas_jax/retrievers/ledger_minilm
+
+# The real-embedding set of `atlas-jax index bench` and `bench.embed`: Debian's WordNet
+# (wordnet-base, /usr/share/wordnet; installed with apt-get when missing, as root) embedded
+# with the shipped MiniLM and cached under ~/.cache/atlas_jax/bench.
+bench-data: $(STAMP)
+	test -f /usr/share/wordnet/data.noun || (apt-get install -y -qq wordnet-base \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base))
+	XLA_FLAGS= $(VENV)/bin/python -m bench.index_benchmark --datasets=wordnet_minilm --prepare
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

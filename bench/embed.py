@@ -34,7 +34,8 @@ def wordnet_glosses(count: int, folder: Path = WORDNET) -> list[str]:
     for part in ("noun", "verb", "adj", "adv"):
         path = folder / f"data.{part}"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: not found (install Debian's wordnet-base)")
+            raise FileNotFoundError(f"{path}: not found (install Debian's wordnet-base: "
+                                    "`make bench-data`)")
         with path.open(encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("  ") or " | " not in line:

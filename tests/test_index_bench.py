@@ -44,3 +44,18 @@ def test_wordnet_gloss_parsing(tmp_path):
     glosses, lemmas = benchmark.wordnet_glosses(tmp_path)
     assert glosses[0] == "that which is perceived (noun)" and lemmas[0] == "entity noun"
     assert len(glosses) == 4
+
+
+def test_a_missing_dataset_is_skipped_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "WORDNET_DIR", tmp_path / "no_wordnet")
+    out = tmp_path / "index.json"
+    assert cli.main(["index", "bench", "--n", "500", "--dim", "8", "--queries", "5",
+                     "--datasets", "wordnet_minilm,synthetic_clustered", "--no-faiss",
+                     "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "wordnet_minilm" in line]
+    assert len(said) == 1 and "skipped" in said[0] and "wordnet-base" in said[0]
+    assert "Traceback" not in err
+    result = json.loads(out.read_text())
+    assert set(result["skipped"]) == {"wordnet_minilm"}
+    assert {row["dataset"] for row in result["results"]} == {"synthetic_clustered"}
