@@ -136,11 +136,9 @@ class Inference:
 
     def query_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Retriever tokens of the queries, (B, query_length) ids and mask."""
-        ids = np.zeros((len(texts), self.query_length), np.int32)
-        for row, encoding in enumerate(self.state.retriever.tokenizer.encode_batch(list(texts))):
-            encoded = list(encoding.ids)[:self.query_length]
-            ids[row, :len(encoded)] = encoded
-        return ids, (ids != PAD_ID).astype(np.int32)
+        from atlas_jax.train.data import query_tokens
+        encodings = self.state.retriever.tokenizer.encode_batch(list(texts))
+        return query_tokens([e.ids for e in encodings], self.query_length)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """(B, D) query embeddings with the run's query tower."""

@@ -169,6 +169,17 @@ def reader_inputs(prompts: Sequence[np.ndarray], rows: np.ndarray | None,
     return out
 
 
+def query_tokens(encoded: Sequence[Sequence[int]], length: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Retriever token ids of queries cut or padded to `length`, and their mask: (B, length)
+    each (training's batcher and `inference.Inference` alike)."""
+    ids = np.zeros((len(encoded), length), np.int32)
+    for row, tokens in enumerate(encoded):
+        tokens = list(tokens)[:length]
+        ids[row, :len(tokens)] = tokens
+    return ids, (ids != PAD_ID).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalSettings:
     """How a batch is retrieved (TrainConfig carries these)."""
@@ -238,12 +249,7 @@ class RetrievalBatcher:
 
     def query_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Retriever tokens of the queries, (B, query_length) ids and mask."""
-        length = self.settings.query_length
-        ids = np.zeros((len(texts), length), np.int32)
-        for row, encoded in enumerate(self.encode_queries(list(texts))):
-            encoded = list(encoded)[:length]
-            ids[row, :len(encoded)] = encoded
-        return ids, (ids != PAD_ID).astype(np.int32)
+        return query_tokens(self.encode_queries(list(texts)), self.settings.query_length)
 
     def passage_tokens(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Retriever tokens of passages `rows` (any shape S; -1 = none) -> S + (Lp,)."""
