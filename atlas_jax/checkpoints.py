@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from atlas_jax import fileio
+from atlas_jax.models import stacking
 
 
 RUN_KIND = "train-run"          # the kind in a MODEL_DIR's .atlas-jax.json marker (fileio)
@@ -133,6 +135,8 @@ class Checkpoints:
             saved = self.manager.item_metadata(step)["state"]
         except Exception:  # older layouts: fall through to restore's own error
             saved = None
+        if saved is not None and stacking.is_stacked(saved) != stacking.is_stacked(target):
+            return self._restore_relayout(step, target, saved, path)
         if saved is not None:
             _check_fits(saved, target, path)
         try:
@@ -154,6 +158,39 @@ class Checkpoints:
             raise self._corrupt(step, self.directory / str(step) / "meta",
                                 f"holds {type(meta).__name__}, not a JSON object")
         return restored.state, dict(meta)
+
+    def _restore_relayout(self, step: int, target: Any, saved: Any, path: Path
+                          ) -> tuple[Any, dict]:
+        """Restores a step written in the other layer layout (scanned vs per layer,
+        models/stacking.py): reads `target`'s arrays in the saved layout onto the host,
+        converts them, then places them like `target`."""
+        host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        host = stacking.to_layout(host, stacking.is_stacked(saved))
+        _check_fits(saved, host, path)
+        manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                create=False, max_to_keep=None, enable_async_checkpointing=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=host, partial_restore=True, restore_args=jax.tree.map(
+                        lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), host)),
+                meta=ocp.args.JsonRestore()))
+        except MemoryError:
+            raise
+        except Exception as e:
+            _silence_failed_read_noise()
+            array, reason = _unreadable(e) or (None, f"{type(e).__name__}: {_one_line(e)}")
+            raise self._corrupt(step, path, reason, array) from None
+        finally:
+            manager.close()
+        state = stacking.to_layout(restored.state, stacking.is_stacked(target))
+        placed = jax.tree.map(
+            lambda x, t: jax.device_put(x, t.sharding) if getattr(t, "sharding", None) is not None
+            else jax.numpy.asarray(x), state, target)
+        return placed, dict(restored.meta)
 
     def _corrupt(self, step: int, path: Path, reason: str,
                  array: str | None = None) -> CheckpointCorruptError:

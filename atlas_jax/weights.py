@@ -18,7 +18,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import flax
 import gin
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from atlas_jax.formats.hf import (  # noqa: F401  (re-exported: weights.* is the
     retriever_config_from_hf, load_tokenizer, t5_abstract_params, t5_config_from_hf,
     tokenizer_from_file,
     t5_hf_mapping, t5_params)
-from atlas_jax.models import decoding, fid, retriever as retriever_lib, t5
+from atlas_jax.models import decoding, fid, retriever as retriever_lib, stacking, t5
 
 
 @dataclasses.dataclass
@@ -229,6 +228,16 @@ def load_atlas(path: str | Path, tokenizer: str | Path | None = None, head_dim: 
 
 # ----------------------------------------------------------------------------- gin builders
 
+def in_layout(model: Reader | Retriever, config: Any) -> Reader | Retriever:
+    """A loaded reader or retriever with `config`'s remat policy and parameter layout
+    (`scan_layers`: stacked, else per layer; models/stacking.py). Every format loads per layer,
+    so any checkpoint runs scanned or not."""
+    layout = {"remat": config.remat, "scan_layers": config.scan_layers}
+    return dataclasses.replace(
+        model, config=dataclasses.replace(model.config, **layout),
+        params=stacking.to_layout(model.params, config.scan_layers))
+
+
 def _check_against_gin(kind: str, gin_config: Any, loaded: Any, fields: tuple[str, ...],
                        checkpoint: str) -> None:
     for field in fields:
@@ -252,11 +261,10 @@ def build_retriever(checkpoint: str | None = None, seed: int = 0,
         _check_against_gin("RetrieverConfig", config, loaded.config,
                            ("architecture", "vocab_size", "hidden_size", "num_layers",
                             "num_heads", "mlp_dim"), checkpoint)
-        return loaded
+        return in_layout(loaded, config)
     ids = jnp.ones((1, 4), jnp.int32)
-    model = retriever_lib.DualEncoder(config)
-    params = model.init(jax.random.key(seed), ids, ids, ids, ids)["params"]
-    return Retriever(config, flax.linen.meta.unbox(params))
+    return Retriever(config, stacking.init_params(retriever_lib.DualEncoder, config,
+                                                  jax.random.key(seed), ids, ids, ids, ids))
 
 
 @gin.configurable
@@ -269,10 +277,8 @@ def build_reader(checkpoint: str | None = None, seed: int = 0) -> Reader:
         _check_against_gin("T5Config", config, loaded.config,
                            ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                             "num_encoder_layers", "num_decoder_layers"), checkpoint)
-        return dataclasses.replace(loaded, config=dataclasses.replace(
-            loaded.config, dtype=config.dtype, dropout_rate=config.dropout_rate,
-            remat=config.remat))
-    model = fid.FusionInDecoder(config)
-    params = model.init(jax.random.key(seed), jnp.ones((1, 1, 4), jnp.int32),
-                        jnp.ones((1, 2), jnp.int32))["params"]
-    return Reader(config, flax.linen.meta.unbox(params))
+        return in_layout(dataclasses.replace(loaded, config=dataclasses.replace(
+            loaded.config, dtype=config.dtype, dropout_rate=config.dropout_rate)), config)
+    return Reader(config, stacking.init_params(fid.FusionInDecoder, config, jax.random.key(seed),
+                                               jnp.ones((1, 1, 4), jnp.int32),
+                                               jnp.ones((1, 2), jnp.int32)))

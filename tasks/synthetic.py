@@ -20,7 +20,6 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import seqio
 
 from atlas_jax import evaluation, fileio
 from atlas_jax.index.passages import reader_text, retriever_text
-from atlas_jax.models import retriever as retriever_lib
+from atlas_jax.models import retriever as retriever_lib, stacking
 from atlas_jax_tasks.jsonl_source import STRING_LIST, JsonlField
 from atlas_jax_tasks.qa import register_qa_task
 from atlas_jax_tasks.vocab import reader_vocabulary, train_reader_spiece
@@ -264,8 +263,9 @@ def synthetic_retriever(tokenizer: WordTokenizer | str | Path, seed: int = 0, di
         shared_towers=shared_towers, max_length=tokenizer.max_length,
         architecture=architecture, head_dim=dim // heads, projection_dim=dim)
     ids = jnp.ones((1, 4), jnp.int32)
-    params = retriever_lib.DualEncoder(config).init(jax.random.key(seed), ids, ids, ids, ids)
-    return config, jax.tree.map(np.asarray, nn.meta.unbox(params["params"])), tokenizer
+    params = stacking.init_params(retriever_lib.DualEncoder, config, jax.random.key(seed),
+                                  ids, ids, ids, ids)
+    return config, jax.tree.map(np.asarray, params), tokenizer
 
 
 def initial_recall(config: retriever_lib.RetrieverConfig, params: dict,

@@ -179,7 +179,7 @@ def build_warm_reader(synthetic_dir: str = gin.REQUIRED, steps: int = 1000, batc
       a `weights.Reader` (parameters after the warm-up).
     """
     from atlas_jax import weights
-    from atlas_jax.models import fid
+    from atlas_jax.models import fid, stacking
     reader = weights.build_reader(seed=seed)
     shape = reader.config
     cache = Path(cache_dir or synthetic_dir) / (
@@ -188,9 +188,12 @@ def build_warm_reader(synthetic_dir: str = gin.REQUIRED, steps: int = 1000, batc
         f"k{n_passages}_a{alone_steps}_e{easy_steps}_lr{learning_rate}_seed{seed}_l{length}.npz")
     cache.parent.mkdir(parents=True, exist_ok=True)
     fileio.remove_partial_files(cache.parent)
-    params = _load_cached(cache, {k: v.shape for k, v in _flatten(reader.params).items()})
+    # Cached per layer: the same file serves a scanned reader (models/stacking.py).
+    scanned = reader.config.scan_layers
+    params = _load_cached(cache, {k: v.shape for k, v in _flatten(
+        stacking.unstack_layers(reader.params)).items()})
     if params is not None:
-        return dataclasses.replace(reader, params=params)
+        return dataclasses.replace(reader, params=stacking.to_layout(params, scanned))
     worlds = Worlds.from_folder(synthetic_dir,
                                 reader_vocabulary(str(Path(synthetic_dir) / SPIECE_FILE)),
                                 length, target_length)
@@ -214,5 +217,5 @@ def build_warm_reader(synthetic_dir: str = gin.REQUIRED, steps: int = 1000, batc
     for i in range(steps):
         n_others, hard = curriculum(i, rng, n_passages, alone_steps, easy_steps)
         params, state, _ = step(params, state, *worlds.batch(rng, batch_size, n_others, hard))
-    fileio.atomic_savez(cache, **_flatten(params))
+    fileio.atomic_savez(cache, **_flatten(stacking.unstack_layers(params)))
     return dataclasses.replace(reader, params=params)

@@ -116,6 +116,7 @@ def _bert_config(shapes: dict, prefix: str, path: Path, head_dim: int,
                               f"{head_dim}; pass head_dim")
     positions = shape("embeddings.position_embeddings.weight")[0]
     return retriever_lib.RetrieverConfig(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=hidden // head_dim,
         mlp_dim=shape("encoder.layer.0.intermediate.dense.weight")[0],
         max_position_embeddings=positions,

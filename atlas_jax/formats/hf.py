@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from atlas_jax.models import fid, retriever as retriever_lib, t5
+from atlas_jax.models import fid, retriever as retriever_lib, stacking, t5
 
 
 class CheckpointError(ValueError):
@@ -176,6 +176,7 @@ def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config
                                and np.array_equal(lm_head[0], shared[0]))
     scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
     return t5.T5Config(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"],
         num_encoder_layers=hf["num_layers"],
         num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
@@ -274,6 +275,7 @@ def retriever_config_from_hf(folder: Path) -> retriever_lib.RetrieverConfig:
         max_length = min(max_length, int(read_json(folder / "tokenizer_config.json").get(
             "model_max_length", max_length)))
     return retriever_lib.RetrieverConfig(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         mlp_dim=hf["intermediate_size"],
@@ -370,6 +372,7 @@ def t5_config_from_sizes(*, vocab_size: int, emb_dim: int, num_heads: int, num_b
     """A T5Config for weights whose config is only implied by their shapes: gated-GELU with
     untied logits is T5 1.1 (no output scaling); ReLU with tied logits is T5 1.0 (scaled)."""
     return t5.T5Config(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         vocab_size=vocab_size, emb_dim=emb_dim, num_heads=num_heads, head_dim=head_dim,
         mlp_dim=mlp_dim, num_encoder_layers=num_encoder_layers,
         num_decoder_layers=num_decoder_layers,
@@ -441,7 +444,7 @@ def t5_hf_config(config) -> dict:
 def tower_arrays(params: dict, tower: str = "query") -> dict[str, np.ndarray]:
     """{'layers_0/...': float32 array} of one retriever tower (the shared one when tied);
     `params` may still carry its logical-axis boxes (straight from `model.init`)."""
-    params = flax.linen.meta.unbox(params)
+    params = stacking.unstack_layers(flax.linen.meta.unbox(params))
     tree = params["encoder"] if "encoder" in params else params[f"{tower}_encoder"]
     return {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
             jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -86,6 +86,7 @@ def load_tower(folder: Path) -> tuple[retriever_lib.RetrieverConfig, dict, Any]:
         max_length = int(hf.read_json(folder / "sentence_bert_config.json").get(
             "max_seq_length", max_length))
     config = retriever_lib.RetrieverConfig(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         architecture="t5", vocab_size=t5.vocab_size, hidden_size=t5.emb_dim,
         num_layers=t5.num_encoder_layers, num_heads=t5.num_heads, head_dim=t5.head_dim,
         mlp_dim=t5.mlp_dim, mlp_activations=tuple(t5.mlp_activations),

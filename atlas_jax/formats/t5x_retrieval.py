@@ -32,6 +32,7 @@ def config_from_arrays(arrays: dict[str, np.ndarray], source: Path, max_distance
     """The T5-encoder tower's config implied by the target's arrays."""
     t5 = t5x.config_from_arrays(arrays, source, max_distance)
     return retriever_lib.RetrieverConfig(
+        scan_layers=False, remat=False,  # every format is per layer (stacking.py)
         architecture="t5", vocab_size=t5.vocab_size, hidden_size=t5.emb_dim,
         num_layers=t5.num_encoder_layers, num_heads=t5.num_heads, head_dim=t5.head_dim,
         mlp_dim=t5.mlp_dim, mlp_activations=tuple(t5.mlp_activations),

@@ -35,7 +35,8 @@ def hf_tensors(reader) -> dict[str, np.ndarray]:
     import jax
 
     from atlas_jax import weights
-    params = flax.linen.meta.unbox(reader.params)
+    from atlas_jax.models import stacking
+    params = stacking.unstack_layers(flax.linen.meta.unbox(reader.params))
     flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32) for path, leaf in
             jax.tree_util.tree_flatten_with_path(params)[0]}
     out = {}

@@ -188,10 +188,9 @@ def make_model(vocabulary):
 
 
 def init_params(model, seed: int):
-    import flax
-    params = model.init(jax.random.key(seed), jnp.ones((1, 1, 4), jnp.int32),
-                        jnp.ones((1, 2), jnp.int32))["params"]
-    return flax.linen.meta.unbox(params)
+    from atlas_jax.models import stacking
+    return stacking.init_params(type(model), model.config, jax.random.key(seed),
+                                jnp.ones((1, 1, 4), jnp.int32), jnp.ones((1, 2), jnp.int32))
 
 
 def make_optimizer(config: ReaderPretrainConfig) -> optax.GradientTransformation:

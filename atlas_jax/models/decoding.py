@@ -1,7 +1,8 @@
 """Greedy and beam search driven by a `tokens_to_logits(tokens, cache)` callback (t5x style).
 
-The cache is any pytree whose array leaves have the batch as leading axis (scalars such as
-the cache index are left alone); beam search tiles and reorders it along that axis.
+The cache is any pytree whose array leaves have the batch as leading axis, or as second axis
+under a scanned stack `layers` (scalars such as the cache index are left alone); beam search
+tiles and reorders it along that axis.
 `generate` wires these searches to a T5 / FiD `Transformer` with its key/value cache.
 """
 from __future__ import annotations
@@ -47,19 +48,34 @@ def brevity_penalty(alpha: float, length: jax.Array) -> jax.Array:
     return jnp.power((5.0 + length) / 6.0, alpha)
 
 
+def _batch_axis(path) -> int:
+    """The batch axis of a cache leaf: 1 under a scanned stack (`layers`: a leading layer axis,
+    models/stacking.py), else 0."""
+    return int(any(getattr(key, "key", None) == "layers" for key in path))
+
+
+def _map_batched(fn: Callable[[jax.Array], jax.Array], tree: Any) -> Any:
+    """fn on the batch-leading view of every leaf that has a batch axis (scalars such as the
+    cache index, or a scanned stack of them, are left alone)."""
+    def apply(path, x):
+        axis = _batch_axis(path)
+        if x.ndim <= axis:
+            return x
+        return jnp.moveaxis(fn(jnp.moveaxis(x, axis, 0)), 0, axis)
+    return jax.tree_util.tree_map_with_path(apply, tree)
+
+
 def _tile_beams(tree: Any, beam_size: int) -> Any:
-    return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0) if x.ndim else x, tree)
+    return _map_batched(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
 
 
 def _gather_beams(tree: Any, beam_indices: jax.Array, batch_size: int, beam_size: int) -> Any:
     """Reorders (batch*beam, ...) leaves by beam_indices (batch, new_beam)."""
     def gather(x):
-        if not x.ndim:
-            return x
         x = x.reshape((batch_size, beam_size) + x.shape[1:])
         idx = beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2))
         return jnp.take_along_axis(x, idx, axis=1).reshape((-1,) + x.shape[2:])
-    return jax.tree.map(gather, tree)
+    return _map_batched(gather, tree)
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, batch_size: int, beam_size: int,

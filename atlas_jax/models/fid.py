@@ -61,7 +61,9 @@ def cross_attention_passage_scores(intermediates: Any, n_passages: int,
     """
     named = jax.tree_util.tree_flatten_with_path(intermediates)[0]
     is_pointer = ["copy_pointer_scores" in jax.tree_util.keystr(path) for path, _ in named]
-    layers = [leaf for (_, leaf), p in zip(named, is_pointer) if not p]
+    # A scanned decoder (T5Config.scan_layers) sows one (layers, batch, q, kv) stack.
+    layers = [layer for (_, leaf), p in zip(named, is_pointer) if not p
+              for layer in (list(leaf) if leaf.ndim == 4 else [leaf])]
     pointers = [leaf for (_, leaf), p in zip(named, is_pointer) if p]
     if not layers:
         raise ValueError("no cross-attention scores found: call the model with "

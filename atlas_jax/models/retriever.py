@@ -8,6 +8,7 @@ Parameter tree of one tower (`encoder/...` when the towers are tied, `query_enco
   segment_embedder/embedding (segments, embed), embeddings_norm/{scale,bias},
   layers_N/attention/{query,key,value,out}/{kernel,bias}, layers_N/post_attention_layer_norm,
   layers_N/{wi,wo}/{kernel,bias}, layers_N/post_mlp_layer_norm
+  (with `scan_layers`: `layers/...` stacked on a leading layer axis, models/stacking.py)
 
 and of a T5-encoder tower (t5x_retrieval's names, so its checkpoints load without mapping):
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.models import layers, t5
+from atlas_jax.models import layers, stacking, t5
 
 
 @gin.configurable
@@ -46,6 +47,10 @@ class RetrieverConfig:
     shared_towers: bool = True     # one encoder for queries and passages
     max_length: int = 512          # tokenizer truncation length
     dtype: str = "float32"
+    # Rematerialisation policy of each tower layer (models/stacking.remat_policy) and one
+    # nn.scan over stacked layer parameters `layers/...`, as T5Config's.
+    remat: bool | str = False
+    scan_layers: bool = False
     # 'bert', or 't5': a T5 encoder, mean pooling, projection, L2 norm (t5x_retrieval);
     # the fields below are the T5 tower's (hidden_size is its emb_dim).
     architecture: str = "bert"
@@ -72,7 +77,8 @@ class RetrieverConfig:
             dropout_rate=self.dropout_rate,
             relative_attention_num_buckets=self.relative_attention_num_buckets,
             relative_attention_max_distance=self.relative_attention_max_distance,
-            layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype)
+            layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype, remat=self.remat,
+            scan_layers=self.scan_layers)
 
 
 class BertAttention(nn.Module):
@@ -115,7 +121,8 @@ class BertLayer(nn.Module):
                          name="wo")(h)
         x = layers.LayerNorm(cfg.layer_norm_epsilon, dtype, name="post_mlp_layer_norm")(
             x + dropout(h))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if cfg.scan_layers else x
 
 
 class BertEncoder(nn.Module):
@@ -145,8 +152,14 @@ class BertEncoder(nn.Module):
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mask = attention_mask.astype(bool)[:, None, None, :]
-        for i in range(cfg.num_layers):
-            x = BertLayer(cfg, name=f"layers_{i}")(x, mask, deterministic)
+        layer_cls = stacking.layer_stack(BertLayer, remat=cfg.remat, scan=cfg.scan_layers,
+                                         length=cfg.num_layers, static_argnums=(3,),
+                                         broadcast_args=2)
+        if cfg.scan_layers and cfg.num_layers:
+            x, _ = layer_cls(cfg, name="layers")(x, mask, deterministic)
+        elif not cfg.scan_layers:
+            for i in range(cfg.num_layers):
+                x = layer_cls(cfg, name=f"layers_{i}")(x, mask, deterministic)
         return pool(x, attention_mask, cfg.pooling, cfg.normalize)
 
 

@@ -13,6 +13,10 @@ Parameter tree (t5x names, so t5x and Hugging Face checkpoints map on by name):
   decoder/layers_N/{pre_self_attention_layer_norm, self_attention, pre_cross_attention_layer_norm,
                     encoder_decoder_attention, pre_mlp_layer_norm, mlp}
   decoder/decoder_norm/scale, decoder/logits_dense/kernel (untied only)
+
+With `scan_layers` each stack is one `nn.scan` over stacked parameters `encoder/layers/...`,
+`decoder/layers/...` with a leading (layers) axis (models/stacking.py converts both ways);
+`remat` picks the rematerialisation policy of every layer (stacking.REMAT_POLICIES).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.models import layers
+from atlas_jax.models import layers, stacking
 
 
 @gin.configurable
@@ -47,7 +51,11 @@ class T5Config:
     logits_via_embedding: bool = True
     scale_decoder_outputs: bool = True
     dtype: str = "float32"
-    remat: bool = False
+    # Rematerialisation policy of each layer: False/'none', True/'full', 'save_dots',
+    # 'save_dots_no_batch' (models/stacking.remat_policy).
+    remat: bool | str = False
+    # One nn.scan over stacked layer parameters: compile time flat in depth (t5x, maxtext).
+    scan_layers: bool = False
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0
@@ -210,7 +218,8 @@ class EncoderLayer(nn.Module):
         x = x + dropout(h)
         h = _mlp(cfg)(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic)
         x = x + dropout(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if cfg.scan_layers else x
 
 
 class DecoderLayer(nn.Module):
@@ -230,7 +239,8 @@ class DecoderLayer(nn.Module):
         x = x + dropout(h)
         h = _mlp(cfg)(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic)
         x = x + dropout(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if cfg.scan_layers else x
 
 
 class CopyHead(nn.Module):
@@ -297,9 +307,14 @@ class Encoder(nn.Module):
         length = input_ids.shape[-1]
         bias = _relpos(cfg)(length, length, bidirectional=True)
         mask = (input_ids != cfg.pad_id)[:, None, None, :]
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if cfg.remat else EncoderLayer
-        for i in range(cfg.num_encoder_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, bias, mask, deterministic)
+        layer_cls = stacking.layer_stack(EncoderLayer, remat=cfg.remat, scan=cfg.scan_layers,
+                                         length=cfg.num_encoder_layers, static_argnums=(4,),
+                                         broadcast_args=3)
+        if cfg.scan_layers and cfg.num_encoder_layers:
+            x, _ = layer_cls(cfg, name="layers")(x, bias, mask, deterministic)
+        elif not cfg.scan_layers:
+            for i in range(cfg.num_encoder_layers):
+                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, mask, deterministic)
         return dropout(_norm(cfg, "encoder_norm")(x))
 
 
@@ -329,10 +344,15 @@ class Decoder(nn.Module):
         self_bias = _relpos(cfg)(length, length, bidirectional=False)
         self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         cross_mask = encoder_mask[:, None, None, :]
-        layer_cls = nn.remat(DecoderLayer, static_argnums=(6, 7)) if cfg.remat else DecoderLayer
-        for i in range(cfg.num_decoder_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, encoded, self_bias, self_mask, cross_mask,
-                                                   deterministic, decode)
+        layer_cls = stacking.layer_stack(DecoderLayer, remat=cfg.remat, scan=cfg.scan_layers,
+                                         length=cfg.num_decoder_layers, static_argnums=(6, 7),
+                                         broadcast_args=6)
+        args = (encoded, self_bias, self_mask, cross_mask, deterministic, decode)
+        if cfg.scan_layers and cfg.num_decoder_layers:
+            x, _ = layer_cls(cfg, name="layers")(x, *args)
+        elif not cfg.scan_layers:
+            for i in range(cfg.num_decoder_layers):
+                x = layer_cls(cfg, name=f"layers_{i}")(x, *args)
         x = dropout(_norm(cfg, "decoder_norm")(x))
         state = x
         if cfg.scale_decoder_outputs:
