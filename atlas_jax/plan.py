@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 INDEX_DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -173,9 +173,31 @@ def _tree_bytes(tree: Any) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
+def _memory_model(run: StepParts, opt_state: Any, shapes: StepShapes, config: Any,
+                  reader_config: Any, retriever_config: Any, mesh_shape: tuple[int, int],
+                  rules: Any, index_bytes: int) -> dict[str, Any]:
+    from atlas_jax import partitioning, plan_memory
+    data, model = mesh_shape
+    trained = "retriever" in run.state.params
+    step = plan_memory.StepModel(
+        examples=shapes.batch_size // data, n_context=shapes.n_context,
+        retrieved=shapes.retrieved, reader_length=shapes.reader_length,
+        target_length=shapes.target_length, query_length=shapes.query_length,
+        passage_length=shapes.passage_length, model_axis=model,
+        passage_tower_trained=trained and "frozen_passage_tower" not in run.state.params,
+        retriever_trained=trained)
+    parts = plan_memory.model_memory(run.state, opt_state, step, reader_config,
+                                     retriever_config, partitioning.rules_name(rules) == "fsdp",
+                                     index_bytes)
+    return {"per_device": parts, "examples_per_device": step.examples,
+            "verdicts": plan_memory.verdicts(parts, step, reader_config, retriever_config, data),
+            "step_model": dataclasses.asdict(step)}
+
+
 def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfloat16",
-         passage_length: int | None = None) -> dict[str, Any]:
-    """Compiles the gin-configured train step for `mesh_shape` and returns its numbers.
+         passage_length: int | None = None, compile_step: bool = True) -> dict[str, Any]:
+    """Compiles the gin-configured train step for `mesh_shape` and returns its numbers, with
+    the per-device memory model (plan_memory.py); `compile_step=False`: the model only.
 
     Gin must be parsed; JAX must have at least data x model (CPU) devices.
     """
@@ -212,17 +234,28 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     loss_scale = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+    rows = -(-passages // devices)
+    dim = retriever_config.hidden_size
+    index_bytes = int(math.ceil(rows * dim * INDEX_DTYPE_BYTES[index_dtype]))
+    memory_model = _memory_model(run, opt_state, shapes, config, reader_config,
+                                 retriever_config, mesh_shape, rules, index_bytes)
+    if not compile_step:
+        return {"mesh": {"data": data, "model": model, "devices": devices},
+                "partitioning": partitioning.rules_name(rules),
+                "step": dataclasses.asdict(shapes), "memory_model": memory_model}
     step = steps.make_train_step(run.state, run.objective, run.optimizer, run.n_context,
                                  opt_state)
-    compiled = step.lower(run.state.params, opt_state, batch, rng, loss_scale).compile()
+    started = time.perf_counter()
+    lowered = step.lower(run.state.params, opt_state, batch, rng, loss_scale)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = {"lower": lowered_at - started, "compile": time.perf_counter() - lowered_at}
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     argument, output = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
     alias, temp = int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes)
     flops = float(cost.get("flops", 0.0))
-    rows = -(-passages // devices)
-    dim = retriever_config.hidden_size
     trained_retriever = run.state.params.get("retriever", {})
     frozen = {k: v for k, v in run.state.params.items() if k.startswith("frozen")}
     return {
@@ -232,7 +265,8 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
                    "layers": [reader_config.num_encoder_layers,
                               reader_config.num_decoder_layers],
                    "mlp_dim": reader_config.mlp_dim, "dtype": reader_config.dtype,
-                   "remat": reader_config.remat},
+                   "remat": reader_config.remat, "scan_layers": reader_config.scan_layers},
+        "seconds": seconds,
         "step": dataclasses.asdict(shapes),
         "params": {"reader": _tree_size(run.state.params["reader"]),
                    "retriever": _tree_size(trained_retriever),
@@ -245,7 +279,8 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
         "flops_per_step": flops * devices,
         "index": {"passages": passages, "dim": dim, "dtype": index_dtype,
                   "rows_per_device": rows,
-                  "bytes_per_device": int(math.ceil(rows * dim * INDEX_DTYPE_BYTES[index_dtype]))},
+                  "bytes_per_device": index_bytes},
+        "memory_model": memory_model,
     }
 
 
@@ -257,7 +292,18 @@ def _gib(value: float) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The plan as an aligned two-column table."""
+    """The plan as an aligned two-column table, then the memory model and its verdicts."""
+    from atlas_jax import plan_memory
+    model = result["memory_model"]
+    verdicts = plan_memory.format_memory(
+        model["per_device"], model["verdicts"],
+        plan_memory.StepModel(**model["step_model"]))
+    if "params" not in result:         # --model_only
+        return verdicts
+    return _compiled_table(result) + "\n" + verdicts
+
+
+def _compiled_table(result: dict[str, Any]) -> str:
     mesh, params, memory, index = (result["mesh"], result["params"],
                                    result["memory_per_device"], result["index"])
     step = result["step"]
@@ -275,11 +321,15 @@ def format_table(result: dict[str, Any]) -> str:
                                   + f" ({_gib(memory['aliased'])} aliased to arguments)"),
         ("memory/device temporaries", _gib(memory["temporaries"])),
         ("memory/device peak estimate", _gib(memory["peak_estimate"])),
-        ("FLOPs/step per device", f"{result['flops_per_device']:.3e}"),
+        ("FLOPs/step per device", f"{result['flops_per_device']:.3e}" + (
+            " (scanned: XLA counts each loop body once)" if result["reader"]["scan_layers"]
+            else "")),
         ("FLOPs/step all devices", f"{result['flops_per_step']:.3e}"),
         ("index shard/device", f"{_gib(index['bytes_per_device'])} ({index['rows_per_device']:,}"
                                f" rows x {index['dim']} x {index['dtype']}; "
                                f"{index['passages']:,} passages)"),
+        ("lower + compile (XLA:CPU)", f"{result['seconds']['lower']:.1f} s + "
+                                      f"{result['seconds']['compile']:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -297,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retriever tokens per passage (default min(inputs length, "
                              "RetrieverConfig.max_length))")
     parser.add_argument("--json", default=None, help="also write the plan as JSON here")
+    parser.add_argument("--model_only", action="store_true",
+                        help="the memory model and its verdicts only (no XLA compile: seconds "
+                             "instead of minutes)")
     parser.epilog = ("flags: --gin_file=FILE (repeatable), --gin.NAME=VALUE, "
                      "--gin_search_paths=DIR,...")
     parser.set_defaults(run=run, takes_gin_flags=True, gin_flags=[])
@@ -329,6 +382,8 @@ def _reexecute(args: argparse.Namespace, devices: int) -> int:
         argv.append(f"--passage_length={args.passage_length}")
     if args.json:
         argv.append(f"--json={args.json}")
+    if args.model_only:
+        argv.append("--model_only")
     return subprocess.call(argv, env=env)
 
 
@@ -343,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
         if not _jax_devices_ready(data * model):
             return _reexecute(args, data * model)
         gin_config.parse(files, PLACEHOLDERS + bindings, paths)
-        result = plan((data, model), args.passages, args.dtype, args.passage_length)
+        result = plan((data, model), args.passages, args.dtype, args.passage_length,
+                      compile_step=not args.model_only)
     except (ValueError, FileNotFoundError, KeyError) as e:
         # gin appends "In call to configurable ..." lines; the first line says it all.
         print(f"atlas-jax plan: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -211,6 +211,8 @@ def test_pod_run_file_is_the_64_shot_recipe_on_a_v4_128_mesh():
     assert gin.query_parameter("partitioning.create_mesh.shape")[0] == -1
     assert num_partitions == 4 and config.batch_size % (64 // num_partitions) == 0
     assert t5.T5Config().num_heads % num_partitions == 0 and t5.T5Config().remat
+    # Scanned stacks: the compile time of the xxl step stays flat in depth (docs/scale.md).
+    assert t5.T5Config().scan_layers and retriever_lib.RetrieverConfig().scan_layers
 
 
 def test_a_dimension_the_mesh_does_not_divide_stays_whole():

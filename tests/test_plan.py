@@ -67,6 +67,13 @@ def test_plan_of_the_tiny_reader(tmp_path, capsys):
     assert index["bytes_per_device"] == 126 * 32 * 2
     assert f"{result['params']['reader']:,}" in printed and "4 x 2 = 8 devices" in printed
     assert "index shard/device" in printed and "fsdp" in printed
+    # The memory model's exact parts equal the compiled program's arguments: parameters and
+    # AdamW state at their shardings, plus the batch (int32 ids, masks) and two scalars.
+    model = result["memory_model"]["per_device"]
+    batch = memory["arguments"] - model["params"] - model["optimizer"]
+    assert 0 < batch < 0.05 * memory["arguments"]
+    assert model["index"] == index["bytes_per_device"]
+    assert "memory model per device" in printed and "141 GiB (H200)" in printed
 
 
 @pytest.mark.parametrize("mesh, flags, message", [
