@@ -6,7 +6,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean reader retriever bench-data
+.PHONY: demo test install clean reader retriever bench-data bench-ann
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench-data: $(STAMP)
 	test -f /usr/share/wordnet/data.noun || (apt-get install -y -qq wordnet-base \
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base))
 	XLA_FLAGS= $(VENV)/bin/python -m bench.index_benchmark --datasets=wordnet_minilm --prepare
+
+bench-ann: bench-data
+	XLA_FLAGS= $(VENV)/bin/python -m bench.ann_sweep
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

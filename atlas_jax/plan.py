@@ -194,37 +194,14 @@ def _memory_model(run: StepParts, opt_state: Any, shapes: StepShapes, config: An
             "step_model": dataclasses.asdict(step)}
 
 
-def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfloat16",
-         passage_length: int | None = None, compile_step: bool = True) -> dict[str, Any]:
-    """Compiles the gin-configured train step for `mesh_shape` and returns its numbers, with
-    the per-device memory model (plan_memory.py); `compile_step=False`: the model only.
-
-    Gin must be parsed; JAX must have at least data x model (CPU) devices.
-    """
+def _abstract_inputs(mesh: Any, shapes: StepShapes, config: Any, retriever_config: Any,
+                     run: StepParts) -> tuple[dict, Any, Any]:
+    """(batch, rng, loss scale) of the step as ShapeDtypeStructs with their shardings."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     from atlas_jax import partitioning
-    from atlas_jax.models import retriever as retriever_lib, t5
-    from atlas_jax.train import steps, trainer
-
-    data, model = mesh_shape
-    devices = data * model
-    if index_dtype not in INDEX_DTYPE_BYTES:
-        raise PlanError(f"--dtype {index_dtype!r}: the index stores one of "
-                        f"{', '.join(INDEX_DTYPE_BYTES)}")
-    if passages < 0:
-        raise PlanError(f"--passages {passages}: must be >= 0")
-    config = trainer.TrainConfig()
-    reader_config, retriever_config = t5.T5Config(), retriever_lib.RetrieverConfig()
-    rules = partitioning.logical_axis_rules()
-    shapes = step_shapes(config, retriever_config, passage_length)
-    check_divides(shapes, mesh_shape, reader_config, retriever_config)
-    mesh = partitioning.create_mesh(mesh_shape, jax.devices()[:devices])
-    partitioning.check_rules_fit_mesh(rules, mesh)
-    run = build_step_run(config, mesh, rules)
-    opt_state = abstract_opt_state(run)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype,
                                         sharding=partitioning.batch_sharding(mesh, len(shape)))
              for name, (shape, dtype) in batch_specs(
@@ -233,7 +210,49 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-    loss_scale = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+    return batch, rng, jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+
+
+def _compile(step: Any, arguments: tuple) -> tuple[Any, dict[str, float]]:
+    """The compiled step and the seconds of its lowering and its XLA compile."""
+    started = time.perf_counter()
+    lowered = step.lower(*arguments)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, {"lower": lowered_at - started,
+                      "compile": time.perf_counter() - lowered_at}
+
+
+def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfloat16",
+         passage_length: int | None = None, compile_step: bool = True) -> dict[str, Any]:
+    """Compiles the gin-configured train step for `mesh_shape` and returns its numbers, with
+    the per-device memory model (plan_memory.py); `compile_step=False`: the model only.
+
+    Gin must be parsed; JAX must have at least data x model (CPU) devices.
+    """
+    import jax
+
+    from atlas_jax import partitioning
+    from atlas_jax.models import retriever as retriever_lib, t5
+    from atlas_jax.train import steps, trainer
+
+    data, model = mesh_shape
+    devices = data * model
+    if passages < 0:
+        raise PlanError(f"--passages {passages}: must be >= 0")
+    config = trainer.TrainConfig()
+    reader_config, retriever_config = t5.T5Config(), retriever_lib.RetrieverConfig()
+    if index_dtype not in INDEX_DTYPE_BYTES:
+        raise PlanError(f"--dtype {index_dtype!r}: the index stores one of "
+                        f"{', '.join(INDEX_DTYPE_BYTES)}")
+    rules = partitioning.logical_axis_rules()
+    shapes = step_shapes(config, retriever_config, passage_length)
+    check_divides(shapes, mesh_shape, reader_config, retriever_config)
+    mesh = partitioning.create_mesh(mesh_shape, jax.devices()[:devices])
+    partitioning.check_rules_fit_mesh(rules, mesh)
+    run = build_step_run(config, mesh, rules)
+    opt_state = abstract_opt_state(run)
+    batch, rng, loss_scale = _abstract_inputs(mesh, shapes, config, retriever_config, run)
     rows = -(-passages // devices)
     dim = retriever_config.hidden_size
     index_bytes = int(math.ceil(rows * dim * INDEX_DTYPE_BYTES[index_dtype]))
@@ -245,11 +264,7 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
                 "step": dataclasses.asdict(shapes), "memory_model": memory_model}
     step = steps.make_train_step(run.state, run.objective, run.optimizer, run.n_context,
                                  opt_state)
-    started = time.perf_counter()
-    lowered = step.lower(run.state.params, opt_state, batch, rng, loss_scale)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    seconds = {"lower": lowered_at - started, "compile": time.perf_counter() - lowered_at}
+    compiled, seconds = _compile(step, (run.state.params, opt_state, batch, rng, loss_scale))
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

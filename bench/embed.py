@@ -189,6 +189,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    try:                                      # one line, not a worker's traceback
+        wordnet_glosses(1)
+    except FileNotFoundError as e:
+        raise SystemExit(f"bench.embed: {e}") from None
     counts = ([int(c) for c in args.devices.split(",")] if args.devices
               else default_device_counts())
     rows = [run_worker_process(count, args) for count in counts]
