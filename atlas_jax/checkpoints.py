@@ -93,16 +93,21 @@ class Checkpoints:
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
+    def _reading_manager(self) -> ocp.CheckpointManager:
+        """A manager of its own that only restores, with a PyTree handler (partial restores;
+        orbax's read_only option would log two warnings on every `ask`); close it after."""
+        return ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                create=False, max_to_keep=None, enable_async_checkpointing=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
     def _restore_part(self, step: int, target: Any) -> Any:
         """Reads only `target`'s arrays of the step's state (a PyTree handler: orbax's
         partial restore), through a manager of its own that only restores (orbax's read_only
         option would log two warnings on every `ask`)."""
         abstract = abstract_like(target)
-        manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(
-                create=False, max_to_keep=None, enable_async_checkpointing=False),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+        manager = self._reading_manager()
         try:
             return manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
@@ -167,11 +172,7 @@ class Checkpoints:
         host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
         host = stacking.to_layout(host, stacking.is_stacked(saved))
         _check_fits(saved, host, path)
-        manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(
-                create=False, max_to_keep=None, enable_async_checkpointing=False),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+        manager = self._reading_manager()
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(

@@ -173,9 +173,9 @@ def _tree_bytes(tree: Any) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
-def _memory_model(run: StepParts, opt_state: Any, shapes: StepShapes, config: Any,
-                  reader_config: Any, retriever_config: Any, mesh_shape: tuple[int, int],
-                  rules: Any, index_bytes: int) -> dict[str, Any]:
+def _memory_model(run: StepParts, opt_state: Any, shapes: StepShapes, reader_config: Any,
+                  retriever_config: Any, mesh_shape: tuple[int, int], rules: Any,
+                  index_bytes: int) -> dict[str, Any]:
     from atlas_jax import partitioning, plan_memory
     data, model = mesh_shape
     trained = "retriever" in run.state.params
@@ -256,7 +256,7 @@ def plan(mesh_shape: tuple[int, int], passages: int = 0, index_dtype: str = "bfl
     rows = -(-passages // devices)
     dim = retriever_config.hidden_size
     index_bytes = int(math.ceil(rows * dim * INDEX_DTYPE_BYTES[index_dtype]))
-    memory_model = _memory_model(run, opt_state, shapes, config, reader_config,
+    memory_model = _memory_model(run, opt_state, shapes, reader_config,
                                  retriever_config, mesh_shape, rules, index_bytes)
     if not compile_step:
         return {"mesh": {"data": data, "model": model, "devices": devices},
