@@ -191,3 +191,17 @@ def test_add_makes_new_passages_findable(tmp_path, corpus):
     assert loaded.search(["INV-88213"], 1).ids[0, 0] == TARGET   # old ids unchanged
     loaded.add(["quuxolate"])
     assert loaded.search(["QUUXOLATE", "zorblax"], 1).ids.tolist() == [[len(corpus) + 2], [40]]
+
+
+def test_building_an_index_prints_no_bm25s_debug_lines(capfd):
+    """bm25s sets its own logger to DEBUG; once the root logger has a handler (absl, seqio),
+    every build printed `DEBUG:bm25s:Building index ...` (in `atlas-jax ask` too)."""
+    import logging
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        BM25Index(["2021-01-05 Kin Soy 40.88 USD", "2021-01-06 Verizon 55.00 USD"])
+    finally:
+        root.removeHandler(handler)
+    assert "Building index" not in capfd.readouterr().err

@@ -120,7 +120,7 @@ class BM25Index:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        import bm25s
+        bm25s = _bm25s()
         from bm25s.tokenization import Tokenized
         retriever = bm25s.BM25(k1=self.settings["k1"], b=self.settings["b"],
                                method=self.settings["method"])
@@ -168,7 +168,7 @@ class BM25Index:
 
     def save(self, directory: str | Path) -> None:
         """Write the index under `directory` (created if needed); no pickle anywhere."""
-        import bm25s
+        bm25s = _bm25s()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._retriever is not None:
@@ -194,7 +194,7 @@ class BM25Index:
         Raises:
           ValueError naming the file when the directory is not a BM25 index or is inconsistent.
         """
-        import bm25s
+        bm25s = _bm25s()
         directory = Path(directory)
         manifest_path = directory / "bm25.json"
         try:
@@ -317,3 +317,13 @@ def hybrid_search(dense_search_fn: Callable[[np.ndarray, int, np.ndarray | None]
         raise ValueError(f"{len(dense.ids)} query embeddings but {len(sparse.ids)} query texts")
     return reciprocal_rank_fusion([dense, sparse], [config.dense_weight, config.bm25_weight],
                                   k, config.rrf_k)
+
+
+def _bm25s():
+    """bm25s, imported on first use (see the module docstring). Its logger is set to DEBUG
+    at import; once another library has configured the root logger, every index build
+    printed `DEBUG:bm25s:Building index from IDs objects` (in `ask` too). WARNING here."""
+    import logging
+    import bm25s
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
