@@ -24,9 +24,11 @@ demo: $(STAMP)
 	XLA_FLAGS= $(VENV)/bin/atlas-jax demo --out demo_out
 
 # The reader shipped in atlas_jax/readers/ledger_t5: unsupervised pre-training on generated
-# ledgers in two stages, each resumable: gin/runs/reader_pretrain.gin (33 min on 2 cores),
+# ledgers in three stages, each resumable: gin/runs/reader_pretrain.gin (33 min on 2 cores),
 # then gin/runs/reader_read.gin from its export (multi-passage reading, easy distractors
-# first; 20 min); then the export (weights, vocabulary, model card of both stages).
+# first; 18 min), then gin/runs/reader_evidence.gin from that export (the copy head copies
+# from the evidence only; 15 min); then the export (weights, vocabulary, model card of all
+# three stages).
 # READER_RUN keeps the runs.
 READER_RUN ?= reader_run
 reader: $(STAMP)
@@ -38,6 +40,11 @@ reader: $(STAMP)
 		--gin.MODEL_DIR="'$(abspath $(READER_RUN))/stage2'" \
 		--gin.INIT_READER="'$(abspath $(READER_RUN))/stage1_reader'"
 	XLA_FLAGS= $(VENV)/bin/atlas-jax reader export --run $(READER_RUN)/stage2 \
+		--out $(READER_RUN)/stage2_reader
+	XLA_FLAGS= $(VENV)/bin/atlas-jax reader pretrain --gin_file=runs/reader_evidence.gin \
+		--gin.MODEL_DIR="'$(abspath $(READER_RUN))/stage3'" \
+		--gin.INIT_READER="'$(abspath $(READER_RUN))/stage2_reader'"
+	XLA_FLAGS= $(VENV)/bin/atlas-jax reader export --run $(READER_RUN)/stage3 \
 		--out atlas_jax/readers/ledger_t5
 
 # The retriever shipped in atlas_jax/retrievers/ledger_minilm: all-MiniLM-L6-v2 trained further,

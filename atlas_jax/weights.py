@@ -277,8 +277,12 @@ def build_reader(checkpoint: str | None = None, seed: int = 0) -> Reader:
         _check_against_gin("T5Config", config, loaded.config,
                            ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                             "num_encoder_layers", "num_decoder_layers"), checkpoint)
+        # The checkpoint's pointer prompt skip, unless gin sets one.
+        skip = (loaded.config.copy_skip_through_id if config.copy_skip_through_id is None
+                else config.copy_skip_through_id)
         return in_layout(dataclasses.replace(loaded, config=dataclasses.replace(
-            loaded.config, dtype=config.dtype, dropout_rate=config.dropout_rate)), config)
+            loaded.config, dtype=config.dtype, dropout_rate=config.dropout_rate,
+            copy_skip_through_id=skip)), config)
     return Reader(config, stacking.init_params(fid.FusionInDecoder, config, jax.random.key(seed),
                                                jnp.ones((1, 1, 4), jnp.int32),
                                                jnp.ones((1, 2), jnp.int32)))

@@ -98,6 +98,7 @@ class TokenizedCorpus:
                  vocabulary):
         self.passages, self.texts, self.distractors = passages, texts, distractors
         self.pools, self.vocabulary = pools, vocabulary
+        self.redated: "TokenizedCorpus | None" = None   # the same ledger re-dated (held-out)
         self.prompt_tail = np.asarray(vocabulary.encode(f"answer: {SENTINEL}"), np.int32)
         self.question_head = np.asarray(vocabulary.encode("question:"), np.int32)
         self.target_head = np.asarray(vocabulary.encode(SENTINEL), np.int32)

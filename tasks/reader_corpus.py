@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import json
 import random
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -51,6 +52,13 @@ PRETRAIN_LEDGERS: tuple[tuple[int, str, str, str], ...] = (
 # The held-out ledger of the model card (copy accuracy per field): never trained on.
 HELDOUT_LEDGER = (1099, "2017-01-01", "2018-12-31", "1983-06-06")
 FIELDS = ("payee", "amount", "account", "balance", "narration")
+# Years ending in 19-25 are the years the demo, the README, the tests and `bench.ask_unseen`
+# evaluate on (2019-2025): no pre-training date, re-dated or not, has such a year, so a year
+# piece the evaluation uses (`21`, `23`) is never a *year* in pre-training
+# (`ReaderPretrainConfig.redate_copies`).
+EVALUATED_YEAR_SUFFIXES = frozenset(range(19, 26))
+REDATE_YEARS = (1904, 2096)   # re-dated years stay in here: a 4-year shift keeps 29 Feb valid
+_DATE = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)")
 SENTINEL = "<extra_id_0>"
 
 
@@ -99,6 +107,36 @@ def read_passages(path: str | Path) -> list[dict]:
                                  f"({type(e).__name__}: {e})") from None
             records.append(record)
     return records
+
+
+# ----------------------------------------------------------------------------- re-dating
+
+def redate(records: Sequence[dict], years: int) -> list[dict]:
+    """The ledger's passage records with every date (text, title, metadata) `years` later.
+
+    `years` is a multiple of 4 (29 February stays a date). Only `YYYY-MM-DD` dates move, so
+    amounts and the days between entries are unchanged; ids keep their original dates."""
+    if years % 4:
+        raise ValueError(f"redate: years={years} is not a multiple of 4 (29 Feb would move)")
+    shift = lambda text: _DATE.sub(  # noqa: E731
+        lambda m: f"{int(m.group(1)) + years:04d}-{m.group(2)}-{m.group(3)}", text)
+    out = []
+    for record in records:
+        record = dict(record, title=shift(record["title"]), text=shift(record["text"]))
+        record["metadata"] = dict(record["metadata"], date=shift(record["metadata"]["date"]))
+        out.append(record)
+    return out
+
+
+def redate_offsets(start: str, end: str, copies: int, rng: random.Random) -> list[int]:
+    """`copies` distinct year shifts (multiples of 4) that move [start, end] into
+    `REDATE_YEARS` with no year ending in `EVALUATED_YEAR_SUFFIXES`."""
+    first, last = int(start[:4]), int(end[:4])
+    allowed = [k for k in range(-400, 401, 4)
+               if k and REDATE_YEARS[0] <= first + k and last + k <= REDATE_YEARS[1]
+               and not any((y + k) % 100 in EVALUATED_YEAR_SUFFIXES
+                           for y in range(first, last + 1))]
+    return sorted(rng.sample(allowed, min(copies, len(allowed))))
 
 
 # ----------------------------------------------------------------------------- probes

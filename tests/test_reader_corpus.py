@@ -31,6 +31,41 @@ def test_evaluated_ledgers_are_never_pretrained_on():
         assert end < "2019-01-01", (start, end)
 
 
+def test_redating_moves_every_date_and_nothing_else(corpus):
+    records = corpus[0]
+    moved = reader_corpus.redate(records, 104)
+    assert len(moved) == len(records)
+    for before, after in zip(records, moved):
+        assert after["metadata"]["date"] == f"{int(before['metadata']['date'][:4]) + 104}" \
+            + before["metadata"]["date"][4:]
+        assert before["metadata"]["date"] not in after["text"] + after["title"]
+        assert after["metadata"]["date"] in after["title"]
+        # amounts, accounts and payees are the same text
+        assert after["text"].replace(after["metadata"]["date"], "D") == \
+            before["text"].replace(before["metadata"]["date"], "D")
+        assert after["id"] == before["id"]
+    assert records[0]["metadata"]["date"].startswith("2010")   # the input is not changed
+    leap = {"id": "x", "title": "2012-02-29 Pay", "text": '2012-02-29 * "Pay"\n  A:B 2012.00 USD',
+            "metadata": {"date": "2012-02-29"}}
+    [shifted] = reader_corpus.redate([leap], -96)
+    assert shifted["text"] == '1916-02-29 * "Pay"\n  A:B 2012.00 USD'   # the amount stays
+    with pytest.raises(ValueError, match="multiple of 4"):
+        reader_corpus.redate([leap], 2)
+
+
+def test_redated_years_never_end_like_an_evaluated_year():
+    for seed, start, end, _ in reader_corpus.PRETRAIN_LEDGERS:
+        three = reader_corpus.redate_offsets(start, end, 3, random.Random(seed))
+        assert len(set(three)) == 3 and 0 not in three
+        every = reader_corpus.redate_offsets(start, end, 10_000, random.Random(seed))
+        assert len(every) > 20 and set(three) <= set(every)
+        for k in every:
+            assert k % 4 == 0
+            for year in range(int(start[:4]) + k, int(end[:4]) + k + 1):
+                assert 1904 <= year <= 2096
+                assert year % 100 not in range(19, 26), (seed, k, year)
+
+
 def test_probes_name_a_field_give_cues_and_never_the_answer(corpus):
     records, _, _ = corpus
     examples = reader_corpus.reading_examples(records, random.Random(1), "read")

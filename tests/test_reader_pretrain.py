@@ -171,3 +171,41 @@ def test_a_second_stage_starts_from_an_exported_reader(run, tmp_path):
     with pytest.raises(ValueError, match=wrong):
         reader_pretrain.initial_params(reader_pretrain.make_model(vocabulary)[1],
                                        reader_pretrain.ReaderPretrainConfig())
+
+
+def test_a_third_stage_copies_from_evidence_and_can_redate(run, tmp_path):
+    """runs/reader_evidence.gin: the copy head skips each row's prompt (the export's
+    config.json says so); with `redate_copies` each training ledger also appears re-dated
+    (never a year ending in 19-25); the held-out ledger is also scored re-dated; the card
+    says all three."""
+    run_dir, _ = run
+    first = tmp_path / "stage1_reader"
+    assert cli.main(["reader", "export", "--run", str(run_dir), "--out", str(first)]) == 0
+    stage = tmp_path / "evidence"
+    gin_config.parse(["runs/reader_evidence.gin"], TINY + [
+        f"MODEL_DIR = '{stage}'", "TRAIN_STEPS = 2", f"INIT_READER = '{first}'",
+        "ReaderPretrainConfig.redate_copies = 2", "ReaderPretrainConfig.warmup_steps = 1",
+        "ReaderPretrainConfig.eval_every = 2"])
+    config = reader_pretrain.ReaderPretrainConfig()
+    assert config.heldout_redate_years == 104 and config.copy_from_evidence
+    reader_pretrain.train(config)
+    vocabulary, corpus, held, summary = reader_pretrain.prepare_corpus(config)
+    assert len(summary["redated"]) == 2 and len(corpus.passages) == 3
+    years = {vocabulary.decode([int(t) for t in p]).strip()[:4] for ledger in corpus.texts[1:]
+             for p in ledger}
+    assert years and all(int(y) % 100 not in range(19, 26) and y != "2010" for y in years)
+    assert held.redated is not None and len(held.redated.passages[0]) == len(held.passages[0])
+    gin.clear_config(clear_constants=True)
+    out = tmp_path / "evidence_reader"
+    assert cli.main(["reader", "export", "--run", str(stage), "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["heldout_redate_years"] == 104
+    sentinel = int(vocabulary.encode("<extra_id_0>")[-1])
+    assert json.loads((out / "config.json").read_text())[
+        "atlas_jax_copy_skip_through_id"] == sentinel
+    assert weights.load_reader(str(out)).config.copy_skip_through_id == sentinel
+    assert "read/payee" in card["heldout_copy_accuracy_redated"]
+    assert card["training"]["stages"][-1]["redate_copies"] == 2
+    assert len(card["data"]["redated_copies"]) == 2
+    readme = (out / "README.md").read_text()
+    assert "re-dated +104 years" in readme and "Stage 2 also reads each ledger 2 more" in readme

@@ -188,7 +188,18 @@ def t5_config_from_hf(hf: dict, tensors: dict, config_path: Path) -> t5.T5Config
         scale_decoder_outputs=bool(scale), pad_id=hf.get("pad_token_id", 0) or 0,
         eos_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else 1,
         decoder_start_id=hf.get("decoder_start_token_id", 0) or 0,
-        copy_head=bool(hf.get("atlas_jax_copy_head", False)))
+        copy_head=bool(hf.get("atlas_jax_copy_head", False)),
+        copy_skip_through_id=_optional_id(hf.get("atlas_jax_copy_skip_through_id")))
+
+
+def _optional_id(value):
+    """A token id of config.json, or None; anything else is refused by name."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config.json: atlas_jax_copy_skip_through_id = {value!r} is not a "
+                         "token id")
+    return value
 
 
 def t5_hf_mapping(config: t5.T5Config) -> dict[str, tuple[str, Callable]]:
@@ -416,7 +427,8 @@ _ACTIVATIONS_TO_HF = {("relu",): "relu", ("gelu", "linear"): "gated-gelu",
 def t5_hf_config(config) -> dict:
     """The Hugging Face `config.json` of a `T5Config` (transformers' T5 fields).
 
-    A reader with `copy_head` adds `"atlas_jax_copy_head": true` and three tensors named
+    A reader with `copy_head` adds `"atlas_jax_copy_head": true` (and its
+    `copy_skip_through_id` as `"atlas_jax_copy_skip_through_id"`) and three tensors named
     `atlas_jax.copy_head.*`: `load_reader` restores them; transformers loads the T5 part and
     drops them (with its unused-weights warning), which is a different model.
     """
@@ -424,6 +436,8 @@ def t5_hf_config(config) -> dict:
     if activations not in _ACTIVATIONS_TO_HF:
         raise ValueError(f"T5Config.mlp_activations {activations} has no Hugging Face name")
     extra = {"atlas_jax_copy_head": True} if config.copy_head else {}
+    if config.copy_head and config.copy_skip_through_id is not None:
+        extra["atlas_jax_copy_skip_through_id"] = int(config.copy_skip_through_id)
     return extra | {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,

@@ -98,7 +98,8 @@ def _run_reader(run_dir: Path):
     from atlas_jax_tasks import vocab
     spm = run_dir / "corpus" / "spiece.model"
     vocabulary = vocab.reader_vocabulary(str(spm))
-    model_config, model = reader_pretrain.make_model(vocabulary)
+    model_config, model = reader_pretrain.make_model(
+        vocabulary, getattr(config, "copy_from_evidence", False))
     params = reader_pretrain.init_params(model, config.seed)
     optimizer = reader_pretrain.make_optimizer(config)
     manager = checkpoints.Checkpoints(run_dir / "checkpoints", config.max_to_keep)
@@ -124,7 +125,11 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "architecture": "T5 v1.1 (gated GELU, untied output layer), Fusion-in-Decoder reader"
                         + (" with a pointer-generator copy head (`atlas_jax.copy_head.*` "
                            "tensors: transformers drops them)"
-                           if reader.config.copy_head else ""),
+                           if reader.config.copy_head else "")
+                        + ("; the pointer copies from the evidence only, skipping each "
+                           "passage row's `question: ... answer: <extra_id_0>` prompt "
+                           "(`atlas_jax_copy_skip_through_id`)"
+                           if reader.config.copy_skip_through_id is not None else ""),
         "config": hf_config(reader.config),
         "parameters": int(sum(np.prod(s) for s in parameter_shapes(reader).values())),
         "parameter_shapes": parameter_shapes(reader),
@@ -134,6 +139,7 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "data": {"ledgers": summary.get("ledgers"),
                  "heldout_ledger": summary.get("heldout_ledger"),
                  "examples": summary.get("examples"),
+                 "redated_copies": summary.get("redated") or [],
                  "generator": "beancount bean-example (write_example_ledger)",
                  "never_used": "QA templates, questions or answers of any split"},
         "objectives": {name: text for name, text in {
@@ -160,6 +166,11 @@ def model_card(reader, folder: Path, config, meta: dict, log: list[dict]) -> dic
         "heldout_copy_accuracy_alone": ({k.split("/", 1)[1]: v for k, v in
                                          heldout[-1].items() if k.startswith("heldout_alone/")}
                                         if heldout else {}),
+        "heldout_copy_accuracy_redated": ({k.split("/", 1)[1]: v for k, v in
+                                           heldout[-1].items()
+                                           if k.startswith("heldout_redated/")}
+                                          if heldout else {}),
+        "heldout_redate_years": summary.get("heldout_redate_years", 0),
         "heldout_copy_accuracy_step": heldout[-1]["step"] if heldout else None,
         "files": {name: sha256(folder / name) for name in ("model.safetensors",
                                                              "spiece.model", "config.json")},
@@ -178,6 +189,8 @@ def _stage(config, meta: dict, losses: list[dict]) -> dict:
                            "easy_steps": config.easy_steps,
                            "easy_fraction": config.easy_fraction},
             "copy_fraction": config.copy_fraction,
+            "redate_copies": getattr(config, "redate_copies", 0),
+            "copy_from_evidence": getattr(config, "copy_from_evidence", False),
             "seed": config.seed, "final_loss": losses[-1]["loss"] if losses else None,
             "hardware": "2 CPU cores"}
 
@@ -204,7 +217,9 @@ def training_summary(config, meta: dict, losses: list[dict]) -> dict:
 
 def card_markdown(card: dict) -> str:
     alone = card.get("heldout_copy_accuracy_alone", {})
+    redated = card.get("heldout_copy_accuracy_redated") or {}
     rows = "\n".join(f"| {k} | {v:.3f} | {alone.get(k, float('nan')):.3f} |"
+                     + (f" {redated.get(k, float('nan')):.3f} |" if redated else "")
                      for k, v in card["heldout_copy_accuracy"].items())
     ledgers = ", ".join(f"seed {x['seed']} {x['start']}..{x['end']}"
                         for x in card["data"]["ledgers"] or [])
@@ -221,7 +236,12 @@ def card_markdown(card: dict) -> str:
                 for i, s in enumerate(t["stages"], 1)))
             + f"), unsupervised only, on "
             f"Beancount ledgers generated with {ledgers}. Never trained on a QA template, "
-            f"question or answer.\n\nObjectives: "
+            f"question or answer."
+            + "".join(f" Stage {i} also reads each ledger {s['redate_copies']} more times "
+                      "with its dates moved by a multiple of 4 years (1904-2096, never a year "
+                      "ending in 19-25, the years evaluated anywhere)."
+                      for i, s in enumerate(t.get("stages", [t]), 1) if s.get("redate_copies"))
+            + "\n\nObjectives: "
             + "; ".join(f"**{k}**: {v}" for k, v in card["objectives"].items())
             + f".\n\nHeld-out copy accuracy (exact match, ledger seed "
             f"{card['data']['heldout_ledger']['seed']}, step "
@@ -229,10 +249,13 @@ def card_markdown(card: dict) -> str:
             + (f" of stage {len(t['stages'])}" if len(t.get("stages", [])) > 1 else "")
             + "; `read/` probes name a field, `salient/` "
             f"mask it; the entry among {t['n_passages'] - 1} distractors, or alone):"
-            f"\n\n| field | among distractors | alone |\n| --- | --- | --- |\n{rows}\n\n"
-            f"`:novel`: the examples whose answer no training example has (an amount the "
-            f"reader cannot have memorised, only copied).\n\n"
-            f"Files and sha256: see `model_card.json`.\n")
+            + ("\n\n| field | among distractors | alone |"
+               + (f" among distractors, re-dated {card['heldout_redate_years']:+d} years |"
+                  if redated else "")
+               + "\n| --- | --- | --- |" + (" --- |" if redated else "") + f"\n{rows}\n\n")
+            + "`:novel`: the examples whose answer no training example has (an amount the "
+            "reader cannot have memorised, only copied).\n\n"
+            "Files and sha256: see `model_card.json`.\n")
 
 
 def _is_legacy_export(folder: Path) -> bool:

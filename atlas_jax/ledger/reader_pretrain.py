@@ -78,6 +78,17 @@ class ReaderPretrainConfig:
     # defaults of atlas_jax_tasks.reader_corpus (PRETRAIN_LEDGERS, HELDOUT_LEDGER).
     ledgers: tuple | None = None
     heldout_ledger: tuple | None = None
+    # Each training ledger also appears this many times re-dated (`reader_corpus.redate`:
+    # years shifted by multiples of 4 into 1904-2096, never a year ending in 19-25). With
+    # the ledgers' own 2008-2018 only, the reader took an unseen year's piece for an
+    # amount's (`How much ... on 2023-06-28?` -> `23.79 USD` for 118.79; docs/reader.md).
+    redate_copies: int = 0
+    # The copy head copies from the evidence only, never from the question that every
+    # passage row repeats (`t5.T5Config.copy_skip_through_id` = the prompt's sentinel).
+    copy_from_evidence: bool = False
+    # The held-out ledger is also evaluated re-dated by this many years (0: not): 104 puts
+    # 2017-2018 in 2121-2122, years whose pieces no training date has.
+    heldout_redate_years: int = 0
 
     @property
     def run_dir(self) -> Path:
@@ -107,6 +118,14 @@ def prepare_corpus(config: ReaderPretrainConfig):
     ledgers = reader_corpus.generate_ledgers(folder, specs)
     heldout = reader_corpus.generate_ledgers(folder, (heldout_spec,))
     records = [reader_corpus.read_passages(path) for _, path in ledgers]
+    shifts = []
+    if config.redate_copies:
+        rng = random.Random(config.seed)
+        for spec, ledger_records in zip(specs, list(records)):
+            for years in reader_corpus.redate_offsets(spec[1], spec[2], config.redate_copies,
+                                                      rng):
+                records.append(reader_corpus.redate(ledger_records, years))
+                shifts.append({"seed": spec[0], "years": years})
     spm = folder / "spiece.model"
     if config.init_from:
         _copy_init_vocabulary(config.init_from, spm)
@@ -124,11 +143,16 @@ def prepare_corpus(config: ReaderPretrainConfig):
     vocabulary = vocab.reader_vocabulary(str(spm))
     train = reader_batches.TokenizedCorpus.build(records, vocabulary, config.seed,
                                                  config.max_question_tokens)
+    held_records = reader_corpus.read_passages(heldout[0][1])
     held = reader_batches.TokenizedCorpus.build(
-        [reader_corpus.read_passages(heldout[0][1])], vocabulary, config.seed + 1,
-        config.max_question_tokens)
+        [held_records], vocabulary, config.seed + 1, config.max_question_tokens)
+    if config.heldout_redate_years:
+        held.redated = reader_batches.TokenizedCorpus.build(
+            [reader_corpus.redate(held_records, config.heldout_redate_years)], vocabulary,
+            config.seed + 1, config.max_question_tokens)
     summary = {"ledgers": [{"seed": s, "start": a, "end": b, "passages": len(r)} for
                            (s, a, b, _), r in zip(specs, records)],
+               "redated": shifts, "heldout_redate_years": config.heldout_redate_years,
                "heldout_ledger": dict(zip(("seed", "start", "end"), heldout_spec[:3])),
                "examples": {k: len(p) for k, p in train.pools.items()},
                "spm_pieces": vocabulary.vocab_size}
@@ -180,10 +204,16 @@ def padded_vocab_size(vocabulary) -> int:
 
 # ----------------------------------------------------------------------------- model
 
-def make_model(vocabulary):
+def make_model(vocabulary, copy_from_evidence: bool = False):
+    """The gin T5Config at the vocabulary's padded size; `copy_from_evidence`: the copy
+    head skips each row's prompt through its `<extra_id_0>` (`fid.copy_source_ids`)."""
     from atlas_jax.models import fid, t5
+    from atlas_jax_tasks.reader_corpus import SENTINEL
     config = dataclasses.replace(t5.T5Config(), vocab_size=padded_vocab_size(vocabulary),
                                  dropout_rate=0.0)
+    if copy_from_evidence:
+        config = dataclasses.replace(
+            config, copy_skip_through_id=int(vocabulary.encode(SENTINEL)[-1]))
     return config, fid.FusionInDecoder(config)
 
 
@@ -290,7 +320,7 @@ def train(config: ReaderPretrainConfig) -> dict:
     fileio.atomic_write_text(config.run_dir / "config.gin", gin.config_str())  # export reads it
     vocabulary, corpus, heldout, summary = prepare_corpus(config)
     fileio.atomic_write_json(config.run_dir / "corpus" / "summary.json", summary)
-    model_config, model = make_model(vocabulary)
+    model_config, model = make_model(vocabulary, config.copy_from_evidence)
     optimizer = make_optimizer(config)
     params = initial_params(model, config)
     opt_state = optimizer.init(params)
@@ -330,8 +360,13 @@ def train(config: ReaderPretrainConfig) -> dict:
             accuracy = copy_accuracy(reader, heldout, vocabulary, config, known=known)
             alone = copy_accuracy(reader, heldout, vocabulary, config, with_distractors=False,
                                   known=known)
+            extra = {}
+            if getattr(heldout, "redated", None) is not None:
+                extra = {f"heldout_redated/{k}": v for k, v in copy_accuracy(
+                    reader, heldout.redated, vocabulary, config, known=known).items()}
             record = log.write(done, {**{f"heldout/{k}": v for k, v in accuracy.items()},
-                                      **{f"heldout_alone/{k}": v for k, v in alone.items()}})
+                                      **{f"heldout_alone/{k}": v for k, v in alone.items()},
+                                      **extra})
             print(json.dumps(record), flush=True)
             mark = time.perf_counter()
         if done % config.checkpoint_every == 0 or done == config.train_steps:

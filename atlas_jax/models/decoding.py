@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atlas_jax.models.fid import copy_source_ids
+
 NEG_INF = np.float32(-1.0e7)
 TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -188,4 +190,4 @@ def generate_from_passages(model: nn.Module, params: Any, passage_ids: jax.Array
     passages, then decodes with their ids as the source a `copy_head` reader copies from."""
     encoded, mask = model.apply({"params": params}, passage_ids, method=model.encode_passages)
     return generate(model, params, encoded, mask, max_length, beam_size, alpha,
-                    encoder_ids=passage_ids.reshape(mask.shape))
+                    encoder_ids=copy_source_ids(passage_ids, model.config))

@@ -35,7 +35,27 @@ class FusionInDecoder(t5.Transformer):
         """Teacher-forced logits (batch, target_length, vocab)."""
         encoded, mask = self.encode_passages(passage_ids, deterministic)
         return self.decode(encoded, mask, decoder_input_ids, deterministic,
-                           encoder_ids=passage_ids.reshape(mask.shape))
+                           encoder_ids=copy_source_ids(passage_ids, self.config))
+
+
+def copy_source_ids(passage_ids: jax.Array, config) -> jax.Array:
+    """The (batch, n_passages*length) source ids a copy head copies from: `passage_ids`, with
+    each row's prompt (through the *last* `config.copy_skip_through_id` in the row: the
+    `answer: <extra_id_0>` that ends `question: {q} answer: <extra_id_0>`, after any mask
+    the question itself holds) set to the pad id when `copy_skip_through_id` is set. A row
+    with nothing after it (closed book) keeps its question. Why (docs/reader.md): the
+    question repeats in every row, so a piece it holds (the year `23` of `2023-06-28`)
+    gathered pointer mass from every row and outweighed the amount the answer is."""
+    batch, n_passages, length = passage_ids.shape
+    marker = getattr(config, "copy_skip_through_id", None)
+    if marker is not None:
+        hits = passage_ids == marker
+        # positions after the last marker: no marker at or after them
+        later = jnp.flip(jnp.cumsum(jnp.flip(hits, -1), -1), -1) > 0
+        after = ~later & hits.any(-1, keepdims=True)
+        evidence = (after & (passage_ids != config.pad_id)).any(-1, keepdims=True)
+        passage_ids = jnp.where(after | ~evidence, passage_ids, config.pad_id)
+    return passage_ids.reshape(batch, n_passages * length)
 
 
 def cross_attention_passage_scores(intermediates: Any, n_passages: int,

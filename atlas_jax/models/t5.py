@@ -61,6 +61,12 @@ class T5Config:
     decoder_start_id: int = 0
     # Pointer-generator output (not T5, not in Hugging Face): see `CopyHead`.
     copy_head: bool = False
+    # With a copy head in a FiD reader: the pointer skips each passage row through the last
+    # occurrence of this id (the prompt's `<extra_id_0>` in `question: {q} answer:
+    # <extra_id_0> title: ... context: ...`), so it copies from the evidence and not from
+    # the question; rows with no evidence (closed book) keep their question. None: copy
+    # from the whole row (`fid.copy_source_ids`).
+    copy_skip_through_id: int | None = None
 
     @property
     def compute_dtype(self):
@@ -272,7 +278,9 @@ class CopyHead(nn.Module):
         else:
             key = key_projection(encoded)
         scores = jnp.einsum("btd,bsd->bts", query, key).astype(jnp.float32)
-        scores = jnp.where(encoder_mask[:, None, :], scores, -1e9)
+        # Pad ids are not copied: `fid.copy_source_ids` marks skipped positions with them.
+        copyable = encoder_mask & (encoder_ids != cfg.pad_id)
+        scores = jnp.where(copyable[:, None, :], scores, -1e9)
         pointer = jax.nn.softmax(scores, axis=-1)  # (batch, length, source)
         vocab = logits.shape[-1]
         copy = jax.vmap(lambda a, ids: jnp.zeros((a.shape[0], vocab), jnp.float32)
