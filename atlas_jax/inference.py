@@ -37,22 +37,28 @@ def embed_fn(state: ModelState, tower: str) -> Callable:
     return state.compiled["embed", tower]
 
 
-def generate_fn(state: ModelState, max_length: int) -> Callable:
-    """(reader params, reader ids (B, K, L)) -> greedy tokens (B, max_length) numpy."""
-    if ("generate", max_length) not in state.compiled:
+def generate_fn(state: ModelState, max_length: int, beam_size: int = 1) -> Callable:
+    """(reader params, reader ids (B, K, L)) -> answer tokens (B, max_length) numpy: greedy,
+    or the best of `beam_size` beams (beam search, GNMT length penalty 0.6)."""
+    key = ("generate", max_length) if beam_size == 1 else ("generate", max_length, beam_size)
+    if key not in state.compiled:
         model = state.models.reader
 
         @jax.jit
         def generate(params, passage_ids):
-            return decoding.generate_from_passages(model, params, passage_ids, max_length)
+            if beam_size == 1:
+                return decoding.generate_from_passages(model, params, passage_ids, max_length)
+            sequences, _ = decoding.generate_from_passages(model, params, passage_ids,
+                                                           max_length, beam_size)
+            return sequences[:, 0]
 
         def call(params, passage_ids):
             with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
                 out = generate(params, jax.device_put(
                     passage_ids, partitioning.batch_sharding(state.mesh, 3)))
             return distributed.host_array(out)
-        state.compiled["generate", max_length] = call
-    return state.compiled["generate", max_length]
+        state.compiled[key] = call
+    return state.compiled[key]
 
 
 def score_fn(state: ModelState) -> Callable:
@@ -104,6 +110,7 @@ class Inference:
     reader_length: int            # reader tokens per passage
     target_length: int            # answer tokens generated
     n_context: int                # passages the reader reads
+    beam_size: int = 1            # answer decoding: 1 greedy, else beam search (best beam)
 
     @classmethod
     def restore(cls, config: Any, step: int | None = None) -> "Inference":
@@ -128,7 +135,7 @@ class Inference:
         lengths = config.feature_lengths
         return cls(state.with_params(params), vocabulary, config.query_length,
                    int(lengths["inputs"]), int(lengths["targets"]),
-                   config.n_context if not config.closed_book else 1)
+                   config.n_context if not config.closed_book else 1, config.beam_size)
 
     @property
     def params(self) -> dict:
@@ -154,8 +161,10 @@ class Inference:
         return np.asarray(result.ids)
 
     def generate(self, reader_ids: np.ndarray) -> np.ndarray:
-        """Greedy answer tokens (B, target_length) of reader inputs (B, K, L)."""
-        return generate_fn(self.state, self.target_length)(self.params["reader"], reader_ids)
+        """Answer tokens (B, target_length) of reader inputs (B, K, L): greedy, or the best
+        beam of the run's `TrainConfig.beam_size`."""
+        return generate_fn(self.state, self.target_length, self.beam_size)(
+            self.params["reader"], reader_ids)
 
     def score(self, reader_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """(B, T) log-likelihood of each target token (teacher-forced)."""

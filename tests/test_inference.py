@@ -46,3 +46,46 @@ def test_no_checkpoint_is_a_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         inference.restore_params(tmp_path / "checkpoints",
                                  types.SimpleNamespace(params={"w": jnp.zeros(2)}))
+
+
+def _tiny_reader_state():
+    from atlas_jax import partitioning
+    from atlas_jax.models import fid, t5
+    from flax.linen import meta
+    config = t5.T5Config(vocab_size=7, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                         num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0)
+    model = fid.FusionInDecoder(config)
+    params = meta.unbox(model.init(jax.random.key(3), jnp.ones((1, 2, 6), jnp.int32),
+                                   jnp.ones((1, 3), jnp.int32))["params"])
+    state = types.SimpleNamespace(models=types.SimpleNamespace(reader=model), compiled={},
+                                  mesh=partitioning.create_mesh(),
+                                  rules=partitioning.logical_axis_rules())
+    return model, params, state
+
+
+def test_answers_decode_greedily_or_with_the_best_beam():
+    """`TrainConfig.beam_size` reaches the decoder: width 1 is greedy search, a wider one
+    answers with beam search's best sequence (scored with the length penalty), cached apart."""
+    from atlas_jax.models import decoding
+    model, params, state = _tiny_reader_state()
+    # Eight questions: the batch is sharded over the (simulated) device mesh.
+    ids = np.random.default_rng(0).integers(2, 7, (8, 2, 6)).astype(np.int32)
+    ids[:, 1, 4:] = 0
+    greedy = inference.generate_fn(state, 5)(params, ids)
+    beam = inference.generate_fn(state, 5, 4)(params, ids)
+    want_greedy = decoding.generate_from_passages(model, params, ids, 5)
+    want_beams, scores = decoding.generate_from_passages(model, params, ids, 5, 4)
+    np.testing.assert_array_equal(greedy, np.asarray(want_greedy))
+    np.testing.assert_array_equal(beam, np.asarray(want_beams)[:, 0])
+    assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)     # the first beam is the best
+    assert beam.shape == greedy.shape == (8, 5) and len(state.compiled) == 2
+
+
+def test_a_beam_width_below_one_is_refused_by_name(tmp_path):
+    from atlas_jax.train.config import TrainConfig
+    common = dict(model_dir=str(tmp_path), task="t", closed_book=True,
+                  feature_lengths={"inputs": 8, "targets": 4})
+    assert TrainConfig(**common, beam_size=3).beam_size == 3
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=r"TrainConfig.beam_size = "):
+            TrainConfig(**common, beam_size=bad)

@@ -31,6 +31,9 @@ class TrainConfig:
     eval_every: int = 0                       # 0: only at the last step (and the start)
     eval_at_start: bool = True
     eval_limit: int | None = None
+    # Answer decoding in evaluation, `predict` and `ask`: 1 greedy; > 1 beam search of that
+    # width (GNMT length penalty 0.6, as t5x's beam search), the best beam answers.
+    beam_size: int = 1
     recall_ks: tuple[int, ...] = (1, 5, 10, 20)
     log_every: int = 10
     checkpoint_every: int = 100
@@ -68,6 +71,9 @@ class TrainConfig:
             fail("feature_lengths", "TASK_FEATURE_LENGTHS must be {'inputs': L, 'targets': T}")
         if self.batch_size <= 0:
             fail("batch_size", "must be positive")
+        if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or \
+                self.beam_size < 1:
+            fail("beam_size", "must be an integer >= 1 (1: greedy decoding)")
         if not self.closed_book and not (self.passages_file or self.index_dir):
             fail("passages_file", "bind PASSAGES_FILE or TrainConfig.index_dir (or set "
                  "closed_book = True)")

@@ -18,7 +18,8 @@ def predictions(run: Any, params: dict, index: Any, examples: Examples, batcher:
     from atlas_jax.vocabulary import strip_sentinels
     config, state = run.config, run.state
     batcher = batcher or run.batcher
-    generate = inference.generate_fn(state, int(config.feature_lengths["targets"]))
+    generate = inference.generate_fn(state, int(config.feature_lengths["targets"]),
+                                     config.beam_size)
     embed_queries = inference.embed_fn(state, "query")
     retriever_params = params[state.retriever_key]
     n_context = config.n_context if not config.closed_book else 1
