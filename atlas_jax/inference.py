@@ -5,7 +5,8 @@ trainer's evaluation all run these functions (docs/design.md, "Module map").
 
 The jit functions are built once per `train.state.ModelState` (cached in its `compiled`):
 `embed_fn` (the retriever towers, through `towers`, the one embedding path), `generate_fn`
-(greedy FiD decoding over a KV cache), `score_fn` (teacher-forced token log-likelihoods).
+(FiD decoding over a KV cache: greedy, the best beam, or all beams for an
+`answer_selector`), `score_fn` (teacher-forced token log-likelihoods).
 """
 from __future__ import annotations
 
@@ -37,28 +38,55 @@ def embed_fn(state: ModelState, tower: str) -> Callable:
     return state.compiled["embed", tower]
 
 
-def generate_fn(state: ModelState, max_length: int, beam_size: int = 1) -> Callable:
+def generate_fn(state: ModelState, max_length: int, beam_size: int = 1,
+                all_beams: bool = False) -> Callable:
     """(reader params, reader ids (B, K, L)) -> answer tokens (B, max_length) numpy: greedy,
-    or the best of `beam_size` beams (beam search, GNMT length penalty 0.6)."""
-    key = ("generate", max_length) if beam_size == 1 else ("generate", max_length, beam_size)
+    or the best of `beam_size` beams (beam search, GNMT length penalty 0.6). `all_beams`:
+    (tokens (B, beam_size, max_length), scores (B, beam_size)) numpy, best first; a score
+    <= `decoding.NEG_INF / 2` marks a slot no hypothesis filled."""
+    key = ("generate", max_length, beam_size, all_beams)
     if key not in state.compiled:
         model = state.models.reader
 
         @jax.jit
         def generate(params, passage_ids):
-            if beam_size == 1:
+            if beam_size == 1 and not all_beams:
                 return decoding.generate_from_passages(model, params, passage_ids, max_length)
-            sequences, _ = decoding.generate_from_passages(model, params, passage_ids,
-                                                           max_length, beam_size)
-            return sequences[:, 0]
+            sequences, scores = decoding.generate_from_passages(model, params, passage_ids,
+                                                                max_length, beam_size)
+            return (sequences, scores) if all_beams else sequences[:, 0]
 
         def call(params, passage_ids):
             with jax.set_mesh(state.mesh), nn.logical_axis_rules(state.rules):
                 out = generate(params, jax.device_put(
                     passage_ids, partitioning.batch_sharding(state.mesh, 3)))
-            return distributed.host_array(out)
+            return jax.tree.map(distributed.host_array, out)
         state.compiled[key] = call
     return state.compiled[key]
+
+
+def evidence_of(store: Any, rows: Sequence[int]) -> list[dict]:
+    """The passages of store rows `rows` (-1 skipped) as {"id", "text", "metadata"}: what an
+    `answer_selector` is given as the evidence read."""
+    return [{"id": store.ids[r], "text": store.texts[r], "metadata": store.metadata[r] or {}}
+            for r in map(int, rows) if r >= 0]
+
+
+def select_answers(selector: Callable | None, questions: Sequence[str],
+                   beams: Sequence[Sequence[str]], scores: np.ndarray,
+                   evidence: Sequence[Sequence[dict]], store: Any) -> list[int]:
+    """The beam each question answers with: `selector(questions, beams, evidence, store)`
+    (`TrainConfig.answer_selector`) over the filled beams (best first), else the best beam."""
+    filled = [[text for text, score in zip(texts, row) if score > decoding.NEG_INF / 2]
+              or list(texts[:1]) for texts, row in zip(beams, np.asarray(scores))]
+    if selector is None:
+        return [0] * len(beams)
+    chosen = [int(c) for c in selector(list(questions), filled, list(evidence), store)]
+    bad = [(q, c) for q, c, f in zip(questions, chosen, filled) if not 0 <= c < len(f)]
+    if len(chosen) != len(beams) or bad:
+        raise ValueError(f"answer_selector {selector!r} chose beams {chosen} for "
+                         f"{[len(f) for f in filled]} filled beams")
+    return chosen
 
 
 def score_fn(state: ModelState) -> Callable:
@@ -111,6 +139,7 @@ class Inference:
     target_length: int            # answer tokens generated
     n_context: int                # passages the reader reads
     beam_size: int = 1            # answer decoding: 1 greedy, else beam search (best beam)
+    answer_selector: Any = None   # `TrainConfig.answer_selector`: which beam answers
 
     @classmethod
     def restore(cls, config: Any, step: int | None = None) -> "Inference":
@@ -135,7 +164,8 @@ class Inference:
         lengths = config.feature_lengths
         return cls(state.with_params(params), vocabulary, config.query_length,
                    int(lengths["inputs"]), int(lengths["targets"]),
-                   config.n_context if not config.closed_book else 1, config.beam_size)
+                   config.n_context if not config.closed_book else 1, config.beam_size,
+                   config.answer_selector)
 
     @property
     def params(self) -> dict:
@@ -164,6 +194,12 @@ class Inference:
         """Answer tokens (B, target_length) of reader inputs (B, K, L): greedy, or the best
         beam of the run's `TrainConfig.beam_size`."""
         return generate_fn(self.state, self.target_length, self.beam_size)(
+            self.params["reader"], reader_ids)
+
+    def generate_beams(self, reader_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All `beam_size` beams of reader inputs (B, K, L): tokens (B, W, target_length) and
+        scores (B, W), best first (`generate_fn(all_beams=True)`)."""
+        return generate_fn(self.state, self.target_length, self.beam_size, all_beams=True)(
             self.params["reader"], reader_ids)
 
     def score(self, reader_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:

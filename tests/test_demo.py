@@ -45,6 +45,12 @@ def test_report_schema_and_files(demo_run):
             mine = [h for h, k in zip(hits, kind) if k == name_]
             assert rate == pytest.approx(sum(mine) / len(mine)), (name, name_)
         assert set(system["em_by_kind"]) >= {"payment_amount", "payee_of", "expense_account"}
+        # demo.gin's answer selector chose among the beams (best first); the report also
+        # scores the best beam alone
+        assert all(r["prediction"] == r["beams"][r["beam"]] and 1 <= len(r["beams"]) <= 4
+                   for r in records)
+        assert system["em_best_beam"] == pytest.approx(
+            sum(exact_match(r["beams"][0], r["answers"]) for r in records) / len(records))
         if name == "closed_book":
             assert system["recall_at_k"] is None
         else:
@@ -65,6 +71,7 @@ def test_report_schema_and_files(demo_run):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "| joint_hybrid |" in markdown and "plots/recall_at_k.png" in markdown
+    assert "| EM best beam |" in markdown
     assert "| joint_hybrid |" in stdout
     for stage in ("pretrain_joint", "pretrain_frozen", "finetune_joint", "finetune_closed_book"):
         assert any((out / "runs" / stage / "checkpoints").iterdir()), stage
@@ -103,6 +110,9 @@ def test_ask_answers_with_evidence_and_syncs_a_grown_ledger(demo_run, tmp_path):
     assert 0.0 <= result["confidence"] <= 1.0 and isinstance(result["answer"], str)
     assert set(result["grounded_in"]) <= {e["id"] for e in result["evidence"]}
     assert result["grounded_in"] or "no evidence entry states this answer" in result["why_low"]
+    # ask decodes as the run did: demo.gin's beam width 4 and its answer selector
+    assert qa.model.beam_size == 4 and qa.model.answer_selector is not None
+    assert 0 <= result["beam"] < 4
 
     # A question about a day with no entry is flagged, not answered with confidence.
     lost = qa.answer("How much did I pay Chichipotle on 1999-01-01?")

@@ -89,3 +89,41 @@ def test_a_beam_width_below_one_is_refused_by_name(tmp_path):
     for bad in (0, -2, 2.0, True):
         with pytest.raises(ValueError, match=r"TrainConfig.beam_size = "):
             TrainConfig(**common, beam_size=bad)
+
+
+def test_all_beams_come_back_best_first_for_an_answer_selector():
+    """`all_beams` returns every beam and its score (the selector's candidates), the first
+    equal to the best-beam answer; `select_answers` drops slots no hypothesis filled and
+    refuses a selector's index that names no beam."""
+    from atlas_jax.models import decoding
+    model, params, state = _tiny_reader_state()
+    ids = np.random.default_rng(1).integers(2, 7, (8, 2, 6)).astype(np.int32)
+    tokens, scores = inference.generate_fn(state, 5, 3, all_beams=True)(params, ids)
+    want, want_scores = decoding.generate_from_passages(model, params, ids, 5, 3)
+    np.testing.assert_array_equal(tokens, np.asarray(want))
+    np.testing.assert_allclose(scores, np.asarray(want_scores), rtol=1e-6)
+    np.testing.assert_array_equal(tokens[:, 0], inference.generate_fn(state, 5, 3)(params, ids))
+
+    beams = [["a", "b", "c"], ["d", "e", "f"]]
+    two_filled = np.array([[-1.0, -2.0, -3.0], [-1.0, -2.0, decoding.NEG_INF]])
+    seen = []
+
+    def last(questions, candidates, evidence, store):
+        seen.append(candidates)
+        return [len(c) - 1 for c in candidates]
+    assert inference.select_answers(None, ["q1", "q2"], beams, two_filled, [[], []], None) \
+        == [0, 0]
+    assert inference.select_answers(last, ["q1", "q2"], beams, two_filled, [[], []], None) \
+        == [2, 1]
+    assert seen == [[["a", "b", "c"], ["d", "e"]]]
+    with pytest.raises(ValueError, match="answer_selector .* chose beams \\[0, 2\\]"):
+        inference.select_answers(lambda *a: [0, 2], ["q1", "q2"], beams, two_filled,
+                                 [[], []], None)
+
+
+def test_an_answer_selector_that_is_not_a_function_is_refused(tmp_path):
+    from atlas_jax.train.config import TrainConfig
+    common = dict(model_dir=str(tmp_path), task="t", closed_book=True,
+                  feature_lengths={"inputs": 8, "targets": 4})
+    with pytest.raises(ValueError, match=r"TrainConfig.answer_selector = 'grounded'"):
+        TrainConfig(**common, answer_selector="grounded")

@@ -77,3 +77,58 @@ def test_wrong_type_is_never_confident():
     assert check_answer("Kin Soy", "payee", EVIDENCE, 0.2, 0.5)["low_confidence"]
     unmatched = check_answer("Kin Soy", "payee", EVIDENCE, 0.99, 0.5, ["date=1999-01-01"])
     assert unmatched["why_low"][0].startswith("no ledger entry matches the filters")
+
+
+def test_grounded_beam_selection():
+    """Of the beams (best first), the most likely answer of the asked form that the evidence
+    states; else the most likely of the asked form; else the best beam."""
+    from atlas_jax.ledger.checks import choose_beam
+    # the year's piece as the dollars (23.84) loses to the amount the entry states
+    assert choose_beam(["23.84 USD", "25.84 USD", "Kin Soy"], "amount", EVIDENCE) == 1
+    # an amount to "who" loses to the payee
+    assert choose_beam(["25.84 USD", "Laut", "Kin Soy"], "payee", EVIDENCE) == 2
+    assert choose_beam(["Liabilities:US:Chase:Slate", "Expenses:Food:Restaurant"], "account",
+                       EVIDENCE) == 0
+    # nothing stated: the first of the asked form; nothing of the form: the best beam
+    assert choose_beam(["Kin Soy", "31.00 USD", "12.00 USD"], "amount", EVIDENCE) == 1
+    assert choose_beam(["Kin Soy", "Laut"], "amount", EVIDENCE) == 0
+    assert choose_beam(["", "2,973.33 USD"], "balance", EVIDENCE) == 1
+    assert choose_beam(["25.84 USD"], "amount", []) == 0
+    # grounded in an entry that satisfies the question's filters beats grounded elsewhere
+    assert choose_beam(["Kin Soy", "2,973.33 USD"], None, EVIDENCE, EVIDENCE[1:]) == 1
+    assert choose_beam(["Kin Soy", "2,973.33 USD"], None, EVIDENCE) == 0
+
+
+def test_the_ledger_selector_does_not_ground_totals():
+    """A month's total is stated by no entry: the selector keeps the best amount rather than
+    an entry's amount; a one-day question is grounded."""
+    from atlas_jax.ledger.filters import ledger_answer_selector
+    beams = ["70.00 USD", "25.84 USD"]
+    chosen = ledger_answer_selector(
+        ["How much did I spend on restaurants in January 2021?",
+         "How much did I pay Kin Soy on 14 Jan 2021?"], [beams, beams], [EVIDENCE, EVIDENCE],
+        None)
+    assert chosen == [0, 1]
+
+
+def test_the_ledger_selector_prefers_the_entry_the_question_names():
+    """Two entries read, each stating one of the beams: the payee of the entry whose date and
+    amount the question names wins, though the other is more likely."""
+    from atlas_jax.ledger.filters import ledger_answer_selector, satisfying
+    other = {"id": "c", "text": '2021-01-05 * "Goba Goba" "Eating out"\n'
+                                "  Liabilities:US:Chase:Slate  -12.00 USD\n"
+                                "  Expenses:Food:Restaurant     12.00 USD",
+             "metadata": {"date": "2021-01-05", "payee": "Goba Goba", "amount": 12.0,
+                          "accounts": ["Expenses:Food:Restaurant"]}}
+    named = {"id": "d", "text": '2021-01-05 * "Kin Soy" "Eating out"\n'
+                                "  Liabilities:US:Chase:Slate  -40.88 USD\n"
+                                "  Expenses:Food:Restaurant     40.88 USD",
+             "metadata": {"date": "2021-01-05", "payee": "Kin Soy", "amount": 40.88,
+                          "accounts": ["Expenses:Food:Restaurant"]}}
+    question = "Who was the payee of the 40.88 USD payment on 5 Jan 2021?"
+    assert satisfying([other, named], ["date=2021-01-05", "amount=40.88"]) == [named]
+    assert satisfying([other, named], ["nosuchfield=1"]) == []
+    assert ledger_answer_selector([question], [["Goba Goba", "Kin Soy"]], [[other, named]],
+                                  None) == [1]
+    assert ledger_answer_selector([question], [["Goba Goba", "Kin Soy"]], [[other]],
+                                  None) == [0]

@@ -67,6 +67,11 @@ def summarize(metrics: dict, records: list[dict], kinds: dict[str, str]) -> dict
                            if f"eval/recall@{k}" in metrics} or None,
            "em_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
            "examples": len(records)}
+    answered = [r for r in records if r["answers"] and r.get("beams")]
+    if answered:   # an answer_selector chose among beams: the best beam's EM, for comparison
+        out["em_best_beam"] = float(np.mean([evaluation.exact_match(r["beams"][0], r["answers"])
+                                             for r in answered]))
+        out["answers_not_best_beam"] = sum(r["beam"] != 0 for r in answered)
     return out
 
 

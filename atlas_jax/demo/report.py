@@ -20,26 +20,34 @@ def _fmt(value) -> str:
 
 
 def table(report: dict) -> str:
-    """Markdown table: one row per system, then the hot swap and the stage timings."""
+    """Markdown table: one row per system, then the hot swap and the stage timings. With an
+    answer selector, `EM best beam` is what the most likely beam alone would have scored."""
     systems = report["systems"]
     kinds = sorted({k for s in systems.values() for k in s["em_by_kind"]})
-    lines = ["| system | EM | F1 | R@1 | R@5 | R@20 | " + " | ".join(f"EM {k}" for k in kinds)
-             + " |", "|" + " --- |" * (6 + len(kinds))]
+    best = any("em_best_beam" in s for s in systems.values())
+    lines = ["| system | EM | " + ("EM best beam | " if best else "") + "F1 | R@1 | R@5 | R@20 | "
+             + " | ".join(f"EM {k}" for k in kinds) + " |",
+             "|" + " --- |" * (6 + best + len(kinds))]
     for name, s in systems.items():
         recall = s["recall_at_k"] or {}
-        lines.append(f"| {name} | {_fmt(s['em'])} | {_fmt(s['f1'])} | "
+        lines.append(f"| {name} | {_fmt(s['em'])} | "
+                     + (f"{_fmt(s.get('em_best_beam'))} | " if best else "")
+                     + f"{_fmt(s['f1'])} | "
                      + " | ".join(_fmt(recall.get(k)) for k in ("1", "5", "20")) + " | "
                      + " | ".join(_fmt(s["em_by_kind"].get(k)) for k in kinds) + " |")
     for name, baseline in report.get("baseline_retrievers", {}).items():
         recall = baseline["recall_at_k"]
-        lines.append(f"| {name} as shipped (retrieval only) | - | - | "
+        lines.append(f"| {name} as shipped (retrieval only) | - | " + ("- | " if best else "")
+                     + "- | "
                      + " | ".join(_fmt(recall.get(k)) for k in ("1", "5", "20")) + " | "
                      + " | ".join("-" for _ in kinds) + " |")
     swap = report["hot_swap"]
+    fresh_best = swap["refreshed"].get("em_best_beam")
     lines += ["", f"hot swap ({swap['system']}, `new` questions about "
               f"{swap['new_passages']} entries after the cutoff): stale index EM "
               f"{_fmt(swap['stale_em'])}, refreshed index EM {_fmt(swap['refreshed_em'])} "
-              f"(R@5 {_fmt((swap['stale']['recall_at_k'] or {}).get('5'))} -> "
+              + ("" if fresh_best is None else f"(best beam {_fmt(fresh_best)}) ")
+              + f"(R@5 {_fmt((swap['stale']['recall_at_k'] or {}).get('5'))} -> "
               f"{_fmt((swap['refreshed']['recall_at_k'] or {}).get('5'))})", "",
               "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]

@@ -52,6 +52,23 @@ def grounding(answer: str, evidence: Sequence[dict], answer_type: str | None = N
     return [e["id"] for e in evidence if _states(e, answer, answer_type)]
 
 
+def choose_beam(answers: Sequence[str], answer_type: str | None, evidence: Sequence[dict],
+                preferred: Sequence[dict] = ()) -> int:
+    """Grounded beam selection: the index of the most likely answer (`answers` best first)
+    whose form is the one the question asks for (`ledger_query.answer_fits`) and that a
+    `preferred` entry states (`grounding`; the entries that satisfy the question's filters);
+    else that any `evidence` entry states; else the most likely of the asked form; else 0.
+    Pass no evidence for an answer no single entry states (a total): form only."""
+    from atlas_jax_tasks import ledger_query
+    fits = [i for i, a in enumerate(answers) if a.strip() and
+            ledger_query.answer_fits(answer_type, a)]
+    for entries in (preferred, evidence):
+        grounded = [i for i in fits if grounding(answers[i], entries, answer_type)]
+        if grounded:
+            return grounded[0]
+    return (fits or [0])[0]
+
+
 def check_answer(answer: str, answer_type: str | None, evidence: Sequence[dict],
                  confidence: float, min_confidence: float,
                  unmatched_filters: Sequence[str] | None = None) -> dict:

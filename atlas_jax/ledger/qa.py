@@ -10,7 +10,9 @@ serve` and the Fava page call.
 One answer: the question's filters and expected answer type are parsed
 (`atlas_jax_tasks.ledger_query`), BM25 + dense retrieval (the fusion weight the demo chose on
 dev) runs among the entries that satisfy the filters, the FiD reader generates from the top
-`n_context` entries, and the answer is checked (`checks`): it is shown as "not sure"
+`n_context` entries (greedy or beam search as the run decoded; with the run's
+`answer_selector`, the beam of the asked form that the evidence states), and the answer is
+checked (`checks`): it is shown as "not sure"
 (`low_confidence`, with the reasons in `why_low`) when no entry satisfies the filters, when
 its form is not the one the question asks for (an amount to "who was paid ..."), when no
 evidence entry states it, or when the reader's per-token likelihood of it is below
@@ -184,19 +186,31 @@ class LedgerQA:
         with self._model_lock:
             return self.model.embed_queries([question])
 
-    def _read(self, reader_ids: np.ndarray) -> tuple[list[int], float]:
-        """Greedy answer tokens (EOS included) and the reader's per-token likelihood of them
-        (geometric mean, teacher-forced), both jit on the mesh."""
-        batch = self.model.state.mesh.shape["data"]
+    def _read(self, reader_ids: np.ndarray, question: str, read: list[dict], store: Any
+              ) -> tuple[list[int], float, int]:
+        """The answer tokens (EOS included) as the run decodes (greedy, the best beam, or the
+        beam its `answer_selector` chooses given the evidence `read`), the reader's per-token
+        likelihood of them (geometric mean, teacher-forced) and the beam chosen; jit on the
+        mesh."""
+        from atlas_jax import inference
+        model = self.model
+        batch = model.state.mesh.shape["data"]
         padded = np.repeat(reader_ids, batch, axis=0)
         with self._model_lock:
-            tokens = list(self.model.generate(padded)[0])
+            if model.answer_selector is None:
+                tokens, chosen = list(model.generate(padded)[0]), 0
+            else:
+                beams, scores = model.generate_beams(padded)
+                texts = [model.decode(t) for t in beams[0]]
+                chosen = inference.select_answers(model.answer_selector, [question], [texts],
+                                                  scores[:1], [read], store)[0]
+                tokens = list(beams[0][chosen])
             generated = tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
-            targets = np.zeros((batch, self.model.target_length), np.int32)
+            targets = np.zeros((batch, model.target_length), np.int32)
             targets[:, :len(generated)] = generated
-            token_logp = self.model.score(padded, targets)[0]
+            token_logp = model.score(padded, targets)[0]
         mean = float(np.asarray(token_logp)[:len(generated)].mean()) if generated else -np.inf
-        return generated, float(np.exp(mean))
+        return generated, float(np.exp(mean)), chosen
 
     # ---------------------------------------------------------------- answering
     def answer(self, question: str, k: int | None = None) -> dict:
@@ -228,13 +242,15 @@ class LedgerQA:
             prompt = f"question: {question.strip()} answer: <extra_id_0>"
             prompts = [np.asarray(self.model.vocabulary.encode(prompt), np.int32)]
             ids = reader_inputs(prompts, rows, current.reader_tokens, self.model.reader_length)
-        generated, confidence = self._read(ids)
+            store = current.index.store
+        generated, confidence, beam = self._read(ids, question, evidence[:n_context], store)
         text = self.model.decode(generated)
         checked = ledger_checks.check_answer(text, parsed.answer_type, evidence, confidence,
                                              self.min_confidence,
                                              list(parsed.filters) if unmatched else None)
         return {"question": question, "answer": text, "confidence": confidence,
                 **checked, "filters": list(parsed.filters), "index_version": version,
+                "beam": beam,
                 "evidence": evidence, "seconds": time.perf_counter() - started}
 
 

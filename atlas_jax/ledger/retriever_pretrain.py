@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import gin
 import jax

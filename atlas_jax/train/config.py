@@ -34,6 +34,10 @@ class TrainConfig:
     # Answer decoding in evaluation, `predict` and `ask`: 1 greedy; > 1 beam search of that
     # width (GNMT length penalty 0.6, as t5x's beam search), the best beam answers.
     beam_size: int = 1
+    # Which of the beams answers (beam_size > 1): (questions, beams (texts, best first),
+    # evidence (the passages read, `inference.evidence_of`), store) -> a beam index per
+    # question; None: the best beam. Ledger runs bind `@filters.ledger_answer_selector`.
+    answer_selector: Any = None
     recall_ks: tuple[int, ...] = (1, 5, 10, 20)
     log_every: int = 10
     checkpoint_every: int = 100
@@ -74,6 +78,9 @@ class TrainConfig:
         if not isinstance(self.beam_size, int) or isinstance(self.beam_size, bool) or \
                 self.beam_size < 1:
             fail("beam_size", "must be an integer >= 1 (1: greedy decoding)")
+        if self.answer_selector is not None and not callable(self.answer_selector):
+            fail("answer_selector", "must be a function (questions, beams, evidence, store) "
+                 "-> beam indices, e.g. @filters.ledger_answer_selector")
         if not self.closed_book and not (self.passages_file or self.index_dir):
             fail("passages_file", "bind PASSAGES_FILE or TrainConfig.index_dir (or set "
                  "closed_book = True)")

@@ -12,32 +12,49 @@ from atlas_jax import distributed, evaluation, fileio, inference
 from atlas_jax.train.data import Examples, eval_batches
 
 
+def _decode(vocabulary: Any, tokens: Any) -> str:
+    from atlas_jax.vocabulary import strip_sentinels
+    ids = list(tokens)
+    ids = ids[:ids.index(inference.EOS_ID)] if inference.EOS_ID in ids else ids
+    return strip_sentinels(vocabulary.decode(ids))
+
+
 def predictions(run: Any, params: dict, index: Any, examples: Examples, batcher: Any = None
                 ) -> list[dict]:
-    """One record per example: id, question, prediction, answers, gold and retrieved ids."""
-    from atlas_jax.vocabulary import strip_sentinels
+    """One record per example: id, question, prediction, answers, gold and retrieved ids;
+    with a `TrainConfig.answer_selector`, also `beams` (best first) and the `beam` chosen."""
     config, state = run.config, run.state
     batcher = batcher or run.batcher
+    selector = config.answer_selector
     generate = inference.generate_fn(state, int(config.feature_lengths["targets"]),
-                                     config.beam_size)
+                                     config.beam_size, all_beams=selector is not None)
     embed_queries = inference.embed_fn(state, "query")
     retriever_params = params[state.retriever_key]
     n_context = config.n_context if not config.closed_book else 1
+    store = None if index is None else index.store
     records = []
     for rows, count in eval_batches(len(examples), config.eval_batch_size or config.batch_size):
         batch, found = batcher.assemble(
             examples, rows, index, lambda i, m: embed_queries(retriever_params, i, m))
-        tokens = generate(params["reader"], batch["reader_ids"][:, :n_context])
-        for j in range(count):
-            row = int(rows[j])
-            ids = list(tokens[j])
-            ids = ids[:ids.index(1)] if 1 in ids else ids
+        out = generate(params["reader"], batch["reader_ids"][:, :n_context])
+        rows = [int(r) for r in rows[:count]]
+        if selector is None:
+            beams, chosen = [[_decode(run.vocabulary, t)] for t in out[:count]], [0] * count
+        else:
+            beams = [[_decode(run.vocabulary, t) for t in out[0][j]] for j in range(count)]
+            read = [[] if found is None or config.closed_book else
+                    inference.evidence_of(store, found[j][:n_context]) for j in range(count)]
+            chosen = inference.select_answers(selector, [examples.queries[r] for r in rows],
+                                              beams, out[1][:count], read, store)
+        for j, row in enumerate(rows):
             retrieved = ([] if found is None else
                          [index.store.ids[i] for i in found[j] if i >= 0])
-            records.append({"id": examples.ids[row], "question": examples.queries[row],
-                            "prediction": strip_sentinels(run.vocabulary.decode(ids)),
-                            "answers": examples.answers[row],
-                            "gold_ids": examples.gold_ids[row], "retrieved": retrieved})
+            record = {"id": examples.ids[row], "question": examples.queries[row],
+                      "prediction": beams[j][chosen[j]], "answers": examples.answers[row],
+                      "gold_ids": examples.gold_ids[row], "retrieved": retrieved}
+            if selector is not None:
+                record.update(beams=beams[j], beam=chosen[j])
+            records.append(record)
     return records
 
 
