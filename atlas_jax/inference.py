@@ -65,6 +65,14 @@ def generate_fn(state: ModelState, max_length: int, beam_size: int = 1,
     return state.compiled[key]
 
 
+def decode_answer(vocabulary: Any, tokens: Sequence[int]) -> str:
+    """The answer text of generated tokens (up to EOS; sentinels dropped)."""
+    from atlas_jax.vocabulary import strip_sentinels
+    tokens = list(tokens)
+    tokens = tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
+    return strip_sentinels(vocabulary.decode(tokens))
+
+
 def evidence_of(store: Any, rows: Sequence[int]) -> list[dict]:
     """The passages of store rows `rows` (-1 skipped) as {"id", "text", "metadata"}: what an
     `answer_selector` is given as the evidence read."""
@@ -77,13 +85,12 @@ def select_answers(selector: Callable | None, questions: Sequence[str],
                    evidence: Sequence[Sequence[dict]], store: Any) -> list[int]:
     """The beam each question answers with: `selector(questions, beams, evidence, store)`
     (`TrainConfig.answer_selector`) over the filled beams (best first), else the best beam."""
-    filled = [[text for text, score in zip(texts, row) if score > decoding.NEG_INF / 2]
-              or list(texts[:1]) for texts, row in zip(beams, np.asarray(scores))]
     if selector is None:
         return [0] * len(beams)
+    filled = [[text for text, score in zip(texts, row) if score > decoding.NEG_INF / 2]
+              or list(texts[:1]) for texts, row in zip(beams, np.asarray(scores))]
     chosen = [int(c) for c in selector(list(questions), filled, list(evidence), store)]
-    bad = [(q, c) for q, c, f in zip(questions, chosen, filled) if not 0 <= c < len(f)]
-    if len(chosen) != len(beams) or bad:
+    if len(chosen) != len(beams) or any(not 0 <= c < len(f) for c, f in zip(chosen, filled)):
         raise ValueError(f"answer_selector {selector!r} chose beams {chosen} for "
                          f"{[len(f) for f in filled]} filled beams")
     return chosen
@@ -207,8 +214,5 @@ class Inference:
         return score_fn(self.state)(self.params["reader"], reader_ids, targets)
 
     def decode(self, tokens: Sequence[int]) -> str:
-        """The answer text of generated tokens (up to EOS; sentinels dropped)."""
-        from atlas_jax.vocabulary import strip_sentinels
-        tokens = list(tokens)
-        tokens = tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
-        return strip_sentinels(self.vocabulary.decode(tokens))
+        """The answer text of generated tokens (`decode_answer`)."""
+        return decode_answer(self.vocabulary, tokens)

@@ -12,13 +12,6 @@ from atlas_jax import distributed, evaluation, fileio, inference
 from atlas_jax.train.data import Examples, eval_batches
 
 
-def _decode(vocabulary: Any, tokens: Any) -> str:
-    from atlas_jax.vocabulary import strip_sentinels
-    ids = list(tokens)
-    ids = ids[:ids.index(inference.EOS_ID)] if inference.EOS_ID in ids else ids
-    return strip_sentinels(vocabulary.decode(ids))
-
-
 def predictions(run: Any, params: dict, index: Any, examples: Examples, batcher: Any = None
                 ) -> list[dict]:
     """One record per example: id, question, prediction, answers, gold and retrieved ids;
@@ -39,9 +32,11 @@ def predictions(run: Any, params: dict, index: Any, examples: Examples, batcher:
         out = generate(params["reader"], batch["reader_ids"][:, :n_context])
         rows = [int(r) for r in rows[:count]]
         if selector is None:
-            beams, chosen = [[_decode(run.vocabulary, t)] for t in out[:count]], [0] * count
+            beams = [[inference.decode_answer(run.vocabulary, t)] for t in out[:count]]
+            chosen = [0] * count
         else:
-            beams = [[_decode(run.vocabulary, t) for t in out[0][j]] for j in range(count)]
+            beams = [[inference.decode_answer(run.vocabulary, t) for t in out[0][j]]
+                     for j in range(count)]
             read = [[] if found is None or config.closed_book else
                     inference.evidence_of(store, found[j][:n_context]) for j in range(count)]
             chosen = inference.select_answers(selector, [examples.queries[r] for r in rows],
